@@ -1,0 +1,1 @@
+"""Built-in recipes, written against the public API only."""
