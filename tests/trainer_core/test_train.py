@@ -1,0 +1,141 @@
+"""The loop, driven in-process through a scripted channel with the real demo recipe."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tests.trainer_core.loop_helpers import small_config, train
+from trainer_core.checkpoint import list_checkpoints
+
+
+def losses(run_dir: Path, name: str = "train/loss") -> list[tuple[int, float]]:
+    with sqlite3.connect(run_dir / "metrics.sqlite") as conn:
+        return conn.execute("SELECT step, value FROM metrics WHERE name=? ORDER BY step", (name,)).fetchall()
+
+
+def events(run_dir: Path, kind: str) -> list[tuple[int, str]]:
+    with sqlite3.connect(run_dir / "metrics.sqlite") as conn:
+        return conn.execute("SELECT step, data FROM events WHERE kind=? ORDER BY id", (kind,)).fetchall()
+
+
+def test_reaching_iterations_saves_a_final_checkpoint_and_exits_0(tmp_path: Path) -> None:
+    code, channel = train(tmp_path, small_config("trainer.iterations=6"))
+    assert code == 0
+    assert [c["step"] for c in list_checkpoints(tmp_path)] == [6]
+    assert (tmp_path / "config.yaml").is_file()
+    assert channel.of_type("status")[-1]["state"] == "finished"
+    assert channel.closed
+
+
+def test_every_step_writes_one_row_per_metric_to_the_store(tmp_path: Path) -> None:
+    train(tmp_path, small_config("trainer.iterations=5"))
+    assert [step for step, _ in losses(tmp_path)] == [1, 2, 3, 4, 5]
+    for name in ("train/lr", "train/grad_norm", "train/step_time", "train/steps_per_s", "train/accuracy",
+                 "train/tokens_per_s", "train/samples_per_s", "train/epoch"):
+        assert len(losses(tmp_path, name)) == 5, name
+
+
+def test_loss_falls_on_the_demo(tmp_path: Path) -> None:
+    train(tmp_path, small_config("trainer.iterations=60"))
+    values = [v for _, v in losses(tmp_path)]
+    assert sum(values[-10:]) / 10 < 0.8 * sum(values[:5]) / 5
+
+
+def test_periodic_save_and_eval_follow_their_frequencies(tmp_path: Path) -> None:
+    train(tmp_path, small_config("trainer.iterations=6", "trainer.save_frequency=2", "trainer.eval_frequency=3",
+                                 "trainer.keep_last=0"))
+    assert [c["step"] for c in list_checkpoints(tmp_path)] == [2, 4, 6]
+    assert [step for step, _ in losses(tmp_path, "eval/loss")] == [3, 6]
+
+
+def test_commands_are_applied_and_each_gets_one_result(tmp_path: Path) -> None:
+    script = [(1, "save"), (1, "export best"), (2, "eval"), (2, "lr 0.0005"), (3, "status"), (3, "help"),
+              (3, "time"), (3, "time to 5"), (3, "sav"), (3, "lr -1"), (3, "export ../evil")]
+    code, channel = train(tmp_path, small_config("trainer.iterations=6"), script)
+    assert code == 0
+    save = channel.result_for("save")
+    assert save["ok"] and Path(save["data"]["path"]).is_dir()
+    export = channel.result_for("export best")
+    assert export["ok"] and Path(export["data"]["path"]) == tmp_path / "exports" / "best.safetensors"
+    assert (tmp_path / "exports" / "best.safetensors").is_file()
+    assert channel.result_for("eval")["data"]["metrics"]["loss"] > 0
+    assert channel.result_for("lr")["data"]["lr"] == pytest.approx(0.0005)
+    assert channel.result_for("status")["data"]["iterations"] == 6
+    assert "save" in channel.result_for("help")["message"]
+    assert channel.result_for("time to 5")["data"]["target"] == 5
+    bad = [r for r in channel.results() if not r["ok"]]
+    assert [r["command"] for r in bad] == ["sav", "lr -1", "export ../evil"]
+    assert "did you mean 'save'" in bad[0]["message"]
+    assert len(events(tmp_path, "command")) == len(script)
+    assert len(events(tmp_path, "result")) >= len(script)
+
+
+def test_lr_command_sets_the_lr_of_the_next_step_and_the_schedule_continues(tmp_path: Path) -> None:
+    train(tmp_path, small_config("trainer.iterations=6", "optimizer.warmup_steps=0"), [(3, "lr 0.0001")])
+    lrs = dict(losses(tmp_path, "train/lr"))
+    assert lrs[3] > 1e-3
+    assert lrs[4] == pytest.approx(1e-4)
+    assert lrs[5] < lrs[4]
+    assert [step for step, _ in events(tmp_path, "lr")] == [3]
+
+
+def test_scheduled_quit_stops_at_that_step_and_saves(tmp_path: Path) -> None:
+    code, channel = train(tmp_path, small_config("trainer.iterations=20"), [(0, "quit@4")])
+    assert code == 0
+    assert [step for step, _ in losses(tmp_path)][-1] == 4
+    assert [c["step"] for c in list_checkpoints(tmp_path)] == [4]
+    assert channel.result_for("quit@4")["ok"]
+
+
+def test_scheduled_commands_survive_a_resume(tmp_path: Path) -> None:
+    train(tmp_path, small_config("trainer.iterations=20"), [(0, "export at7@7"), (0, "quit@3")])
+    code, _ = train(tmp_path, small_config("trainer.iterations=8"), resume=True)
+    assert code == 0
+    assert (tmp_path / "exports" / "at7.safetensors").is_file()
+
+
+def test_pause_holds_the_step_until_resume(tmp_path: Path) -> None:
+    script = [(2, "pause"), (2, "resume")]
+    code, channel = train(tmp_path, small_config("trainer.iterations=4"), script)
+    assert code == 0
+    assert channel.result_for("pause")["message"].startswith("paused")
+    assert channel.result_for("resume")["message"].startswith("resumed")
+    kinds = [e["kind"] for e in channel.of_type("event")]
+    assert "pause" in kinds and "resume" in kinds
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_bit_exact_with_workers(tmp_path: Path, workers: int) -> None:
+    overrides = (f"data.num_workers={workers}", "trainer.eval_frequency=3")
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    train(whole, small_config("trainer.iterations=10", *overrides))
+    train(halves, small_config("trainer.iterations=10", *overrides), [(0, "quit@5")])
+    train(halves, small_config("trainer.iterations=10", *overrides), resume=True)
+    assert losses(halves) == losses(whole)
+    assert len(losses(whole)) == 10
+
+
+def test_eval_quit_before_the_first_step_evaluates_the_latest_checkpoint(tmp_path: Path) -> None:
+    train(tmp_path, small_config("trainer.iterations=4"))
+    code, channel = train(tmp_path, small_config("trainer.iterations=8"), [(0, "eval_quit")], resume=True)
+    assert code == 0
+    result = channel.result_for("eval_quit")
+    assert result["ok"] and result["step"] == 4
+    assert [step for step, _ in losses(tmp_path)][-1] == 4
+    assert [c["step"] for c in list_checkpoints(tmp_path)] == [4]
+
+
+def test_resume_skips_a_truncated_checkpoint_and_says_why(tmp_path: Path) -> None:
+    train(tmp_path, small_config("trainer.iterations=4", "trainer.save_frequency=2", "trainer.keep_last=0"))
+    newest = Path(list_checkpoints(tmp_path)[-1]["path"])
+    weights = max(newest.glob("model.*"), key=lambda p: p.stat().st_size)
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code, channel = train(tmp_path, small_config("trainer.iterations=5"), resume=True)
+    assert code == 0
+    start = next(e for e in channel.of_type("event") if e["kind"] == "start")
+    assert start["data"]["resume_from"].endswith("step_00000002")
+    alerts = [e["data"]["message"] for e in channel.of_type("event") if e["kind"] == "alert"]
+    assert any("step_00000004" in message for message in alerts)

@@ -1,0 +1,53 @@
+"""Speed and ETA, smoothed so the numbers a user reads do not flicker."""
+
+from __future__ import annotations
+
+import time
+
+
+class RateMeter:
+    """Steps/s as an exponential moving average over wall-clock step intervals.
+
+    Pauses, evals and saves are excluded by ``mark_idle``: the next interval starts afresh.
+    """
+
+    def __init__(self, smoothing: float = 0.05) -> None:
+        self.smoothing = smoothing
+        self.steps_per_s = 0.0
+        self._last: float | None = None
+
+    def tick(self, now: float | None = None) -> float:
+        now = time.perf_counter() if now is None else now
+        if self._last is not None:
+            interval = now - self._last
+            if interval > 0:
+                rate = 1.0 / interval
+                if self.steps_per_s == 0.0:
+                    self.steps_per_s = rate
+                else:
+                    self.steps_per_s += self.smoothing * (rate - self.steps_per_s)
+        self._last = now
+        return self.steps_per_s
+
+    def mark_idle(self) -> None:
+        self._last = None
+
+    def eta_s(self, steps_left: int) -> float | None:
+        if steps_left <= 0:
+            return 0.0
+        if self.steps_per_s <= 0:
+            return None
+        return steps_left / self.steps_per_s
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"

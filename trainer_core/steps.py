@@ -1,0 +1,140 @@
+"""One optimizer step: micro-batches, AMP, backward, non-finite guard, clipping, update.
+
+Kept apart from the loop so the loop reads as control flow and this reads as numerics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from trainer_core.recipe import StepOutput
+from trainer_core.session import Session
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) batch; CPU-to-CPU is free."""
+    if isinstance(batch, torch.Tensor):
+        return batch if batch.device == device else batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, list | tuple) and not hasattr(batch, "_fields"):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def as_step_output(out: Any, engine_names: list[str]) -> StepOutput:
+    if isinstance(out, StepOutput):
+        losses = out.losses
+    elif isinstance(out, torch.Tensor):
+        if len(engine_names) != 1:
+            raise ValueError(f"the step returned one loss for {len(engine_names)} engines; return {{engine: loss}}")
+        return StepOutput({engine_names[0]: out})
+    elif isinstance(out, Mapping):
+        return as_step_output(StepOutput(dict(out)), engine_names)
+    else:
+        raise TypeError(f"the recipe's step returned {type(out).__name__}; expected a loss tensor, "
+                        "a dict {engine: loss} or a StepOutput")
+    unknown = set(losses) - set(engine_names)
+    if unknown:
+        raise ValueError(f"the step returned losses for unknown engines {sorted(unknown)} (engines: {engine_names})")
+    return out
+
+
+class StepRunner:
+    def __init__(self, session: Session, trainer_cfg: Any) -> None:
+        self.s = session
+        self.accumulation = trainer_cfg.grad_accumulation
+        self.grad_clip = trainer_cfg.grad_clip
+        self.names = list(session.engines)
+        self.single = len(self.names) == 1
+        self.engines = list(session.engines.values())
+        self.autocast = self.engines[0].autocast
+        self.meter = session.activation_meter
+        self.nonfinite_streak = 0
+        self.nonfinite_total = 0
+        self.last_samples = 0
+        self.last_tokens = 0
+
+    def run(self, step: int) -> tuple[dict[str, float], bool]:
+        """Train one optimizer step; returns its metric values and whether it was skipped as non-finite."""
+        start = time.perf_counter()
+        lrs = [engine.lr for engine in self.engines]
+        totals: dict[str, float] = dict.fromkeys(self.names, 0.0)
+        stats: dict[str, float] = {}
+        samples = tokens = 0
+        finite = True
+        activation_bytes = 0
+        for _ in range(self.accumulation):
+            batch = to_device(self.s.feed.next(), self.s.device)
+            if self.meter is not None:
+                with self.meter:
+                    out = self._forward(batch)
+                activation_bytes = max(activation_bytes, self.meter.bytes)
+            else:
+                out = self._forward(batch)
+            losses = out.losses
+            values = {name: float(loss.detach()) for name, loss in losses.items()}
+            if not all(math.isfinite(v) for v in values.values()):
+                finite = False
+                break
+            self._backward(losses)
+            for name, value in values.items():
+                totals[name] += value / self.accumulation
+            for key, value in out.stats.items():
+                stats[key] = stats.get(key, 0.0) + float(value) / self.accumulation
+            samples += out.samples or 0
+            tokens += out.tokens or 0
+        norms = [engine.finish_update(self.grad_clip, apply=finite) for engine in self.engines]
+        self._count_nonfinite(finite)
+        elapsed = time.perf_counter() - start
+        self.last_samples, self.last_tokens = samples, tokens
+        metrics = self._metrics(totals if finite else dict.fromkeys(self.names, math.nan), stats, norms, lrs, elapsed)
+        if samples:
+            metrics["train/samples_per_s"] = samples / elapsed
+        if tokens:
+            metrics["train/tokens_per_s"] = tokens / elapsed
+        if self.meter is not None:
+            metrics["train/activation_bytes"] = float(activation_bytes)
+        return metrics, not finite
+
+    def _forward(self, batch: Any) -> StepOutput:
+        with self.autocast():
+            return as_step_output(self.s.recipe.step(self.s.engines, batch), self.names)
+
+    def _backward(self, losses: dict[str, torch.Tensor]) -> None:
+        scaled = [engine.backward_scale(losses[engine.name]) / self.accumulation
+                  for engine in self.engines if engine.name in losses]
+        torch.autograd.backward(scaled)
+
+    def _count_nonfinite(self, finite: bool) -> None:
+        if finite:
+            self.nonfinite_streak = 0
+        else:
+            self.nonfinite_streak += 1
+            self.nonfinite_total += 1
+
+    def _metrics(self, losses: dict[str, float], stats: dict[str, float], norms: list[Any], lrs: list[float],
+                 elapsed: float) -> dict[str, float]:
+        """The step's values; lr is the one the update used."""
+        metrics: dict[str, float] = {}
+        if self.single:
+            metrics["train/loss"] = losses[self.names[0]]
+            metrics["train/lr"] = lrs[0]
+            if norms[0] is not None:
+                metrics["train/grad_norm"] = float(norms[0])
+        else:
+            metrics["train/loss"] = sum(losses.values())
+            for engine, norm, lr in zip(self.engines, norms, lrs, strict=True):
+                metrics[f"train/loss/{engine.name}"] = losses[engine.name]
+                metrics[f"train/lr/{engine.name}"] = lr
+                if norm is not None:
+                    metrics[f"train/grad_norm/{engine.name}"] = float(norm)
+        for key, value in stats.items():
+            metrics[f"train/{key}"] = value
+        metrics["train/step_time"] = elapsed
+        return metrics

@@ -1,0 +1,343 @@
+"""The training loop.
+
+It sees the outside world only through a :class:`~trainer_core.channel.Channel`: it polls for
+command requests at step boundaries and sends metrics, status, events and results. The hot
+path per step is kept to the model's own work plus a few dict operations; command polling and
+status messages are throttled by wall-clock time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from trainer_core import distributed, rng
+from trainer_core.channel import Channel
+from trainer_core.checkpoint import CheckpointManager
+from trainer_core.config import Config, config_to_dict, dump_yaml
+from trainer_core.control import Controller
+from trainer_core.progress import RateMeter
+from trainer_core.session import Session, build_session
+from trainer_core.signals import StopFlag
+from trainer_core.steps import StepRunner
+
+POLL_INTERVAL_S = 0.01
+PAUSED_POLL_S = 0.05
+
+STEP = "step"
+SAMPLES = "samples_seen"
+TOKENS = "tokens_seen"
+ENGINES = "engines"
+RANKS = "ranks"
+COMMANDS = "commands"
+CONFIG = "config"
+NONFINITE = "nonfinite_total"
+VERSION = "version"
+STATE_VERSION = 1
+TRAINER_STATE = "trainer_state"
+
+
+def run(
+    recipe: str,
+    config: Config,
+    run_dir: Path,
+    *,
+    resume: bool,
+    channel: Channel,
+    install_signal_handlers: bool = True,
+) -> int:
+    """Train ``recipe`` in ``run_dir``; returns the exit code (0 when it finished or quit cleanly)."""
+    stop = StopFlag()
+    if install_signal_handlers:
+        stop.install()
+    trainer: Trainer | None = None
+    try:
+        trainer = Trainer(build_session(recipe, config, Path(run_dir)), channel, stop)
+        trainer.start(resume)
+        return trainer.loop()
+    except BaseException as exc:
+        if not isinstance(exc, SystemExit | KeyboardInterrupt):
+            report_crash(channel, trainer, exc)
+        raise
+    finally:
+        if trainer is not None:
+            trainer.close()
+        channel.close()
+        stop.uninstall()
+
+
+def report_crash(channel: Channel, trainer: Trainer | None, exc: BaseException) -> None:
+    text = "".join(traceback.format_exception(exc))
+    if trainer is not None:
+        with contextlib.suppress(Exception):
+            trainer.emit_event("alert", {"level": "error", "message": f"trainer crashed: {exc!r}", "traceback": text})
+    channel.send({"type": "crash", "traceback": text})
+
+
+class Trainer:
+    """The loop and the actions commands can take (see ``trainer_core.control.Actions``)."""
+
+    def __init__(self, session: Session, channel: Channel, stop: StopFlag) -> None:
+        self.s = session
+        self.cfg = session.config
+        self.channel = channel
+        self.stop = stop
+        self.leader = distributed.is_leader()
+        self.iterations = self.cfg.trainer.iterations
+        self.step = 0
+        self.samples_seen = 0
+        self.tokens_seen = 0
+        self.paused = False
+        self.quit_reason: str | None = None
+        self.last_saved_step = -1
+        self.last_checkpoint: str | None = None
+        self.rate = RateMeter()
+        self.started = time.monotonic()
+        self.checkpoints = CheckpointManager(
+            session.run_dir, keep_last=self.cfg.trainer.keep_last, weights_format=self.cfg.trainer.weights_format
+        )
+        self.controller = Controller(self, self.emit_event, self.channel.send)
+        self.steps = StepRunner(session, self.cfg.trainer)
+        self._next_poll = 0.0
+        self._next_status = 0.0
+
+    # -- start / stop -------------------------------------------------------------------------
+
+    def start(self, resume: bool) -> None:
+        if self.leader:
+            dump_yaml(self.cfg, self.s.run_dir / "config.yaml")
+        resumed_from = self._resume() if resume else None
+        self.emit_event("start", {"resume_from": resumed_from, "pid": os.getpid(), "iterations": self.iterations})
+
+    def _resume(self) -> str | None:
+        self.checkpoints.clean_partial()
+        found = self.checkpoints.load_latest()
+        for path, reason in self.checkpoints.skipped:
+            self.emit_event("alert", {"level": "warning", "message": f"skipped checkpoint {path}: {reason}"})
+        if found is None:
+            return None
+        path, parts = found
+        self.load_parts(parts)
+        self.last_saved_step = self.step
+        self.last_checkpoint = str(path)
+        if self.s.store is not None:
+            self.s.store.truncate_after(self.step)
+        return str(path)
+
+    def loop(self) -> int:
+        self._service(force=True)
+        while self.quit_reason is None:
+            if self.step >= self.iterations:
+                self.quit_reason = "finished"
+                break
+            if self.paused:
+                self._wait_paused()
+                continue
+            self._train_one()
+        return self._finish()
+
+    def _train_one(self) -> None:
+        values, nonfinite = self.steps.run(self.step)
+        self.step += 1
+        self.samples_seen += self.steps.last_samples
+        self.tokens_seen += self.steps.last_tokens
+        now = time.perf_counter()
+        values["train/steps_per_s"] = self.rate.tick(now)
+        values["train/epoch"] = self.s.feed.epoch_progress
+        if self.s.store is not None:
+            self.s.store.log_metrics(self.step, values)
+        self.channel.send({"type": "metrics", "step": self.step, "time": time.time(), "values": values})
+        if nonfinite:
+            self._on_nonfinite()
+        self._periodic()
+        self._service(now=now)
+
+    def _periodic(self) -> None:
+        t = self.cfg.trainer
+        if t.save_frequency > 0 and self.step % t.save_frequency == 0 and self.step < self.iterations:
+            self._run_internal("save")
+        if t.eval_frequency > 0 and self.step % t.eval_frequency == 0 and self.s.recipe.eval is not None:
+            self._run_internal("eval")
+
+    def _run_internal(self, line: str) -> None:
+        self.controller.submit(f"auto-{line}-{self.step}", line, source="trainer")
+        self.rate.mark_idle()
+
+    def _service(self, now: float | None = None, force: bool = False) -> None:
+        """Commands, scheduled commands, signals and status, at most every POLL_INTERVAL_S."""
+        self.controller.run_due()
+        now = time.perf_counter() if now is None else now
+        if not force and now < self._next_poll:
+            return
+        self._next_poll = now + POLL_INTERVAL_S
+        for request in self._requests():
+            self.controller.submit(request.id, request.line, source="remote")
+            self.rate.mark_idle()
+        if self.stop.requested and self.quit_reason is None:
+            self.quit_reason = f"signal {self.stop.signal_name}"
+        if force or now >= self._next_status:
+            self._next_status = now + self.cfg.trainer.status_every_s
+            self.channel.send(self.status())
+
+    def _requests(self) -> list[Any]:
+        requests = self.channel.poll() if self.leader else []
+        return distributed.broadcast_object(requests) if distributed.is_initialized() else requests
+
+    def _wait_paused(self) -> None:
+        time.sleep(PAUSED_POLL_S)
+        self._service(force=True)
+        self.rate.mark_idle()
+
+    def _on_nonfinite(self) -> None:
+        streak = self.steps.nonfinite_streak
+        self.emit_event("alert", {"level": "warning", "message": f"non-finite loss at step {self.step}; update "
+                                  f"skipped ({streak} in a row, {self.steps.nonfinite_total} in all)"})
+        if streak >= self.cfg.trainer.nonfinite_patience and not self.paused:
+            self.set_paused(True)
+            self.emit_event("alert", {"level": "error", "message": f"paused: {streak} non-finite losses in a row"})
+
+    def _finish(self) -> int:
+        reason = self.quit_reason or "finished"
+        t = self.cfg.trainer
+        if (reason == "finished" or t.save_on_quit) and self.step != self.last_saved_step:
+            self._run_internal("save")
+        if reason != "finished" and t.export_on_quit:
+            self._run_internal("export")
+        self.emit_event("finish", {"exit_code": 0, "reason": reason})
+        self.channel.send(self.status(state="finished"))
+        return 0
+
+    def close(self) -> None:
+        self.s.close()
+
+    # -- actions (trainer_core.control.Actions) -------------------------------------------------
+
+    def save(self) -> Path:
+        path = self.checkpoints.save(self.step, self.checkpoint_parts())
+        self.last_saved_step = self.step
+        self.last_checkpoint = str(path)
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        self.emit_event("checkpoint", {"path": str(path), "bytes": size})
+        if self.cfg.trainer.export_on_save:
+            self.export(None)
+        return path
+
+    def export(self, name: str | None) -> Path:
+        path = self.s.export(name or f"step_{self.step:08d}", self.step)
+        self.emit_event("export", {"path": str(path), "name": path.stem})
+        return path
+
+    def evaluate(self) -> dict[str, float]:
+        metrics = self.s.evaluate(self.step)
+        values = {f"eval/{k}": v for k, v in metrics.items()}
+        if self.s.store is not None:
+            self.s.store.log_metrics(self.step, values)
+        self.channel.send({"type": "metrics", "step": self.step, "time": time.time(), "values": values})
+        self.emit_event("eval", {"metrics": metrics})
+        return metrics
+
+    def request_quit(self, reason: str) -> None:
+        self.quit_reason = reason
+
+    def set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        self.emit_event("pause" if paused else "resume", {})
+        self.channel.send(self.status())
+
+    def set_lr(self, value: float) -> float:
+        lr = 0.0
+        for engine in self.s.engines.values():
+            lr = engine.set_lr(value)
+        self.emit_event("lr", {"lr": lr})
+        return lr
+
+    def set_loss_scale(self, value: float) -> float:
+        scale = 0.0
+        for engine in self.s.engines.values():
+            scale = engine.set_loss_scale(value)
+        self.emit_event("loss_scale", {"value": scale})
+        return scale
+
+    def eta_s(self, target: int) -> float | None:
+        return self.rate.eta_s(target - self.step)
+
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def status(self, state: str | None = None) -> dict[str, Any]:
+        first = next(iter(self.s.engines.values()))
+        return {
+            "type": "status",
+            "state": state or ("paused" if self.paused else "running"),
+            "step": self.step,
+            "iterations": self.iterations,
+            "lr": first.lr,
+            "eta_s": self.rate.eta_s(self.iterations - self.step),
+            "steps_per_s": self.rate.steps_per_s,
+            "epoch": self.s.feed.epoch_progress,
+            "last_checkpoint": self.last_checkpoint,
+            "scheduled": self.controller.scheduler.show(),
+            "nonfinite_total": self.steps.nonfinite_total,
+            "pid": os.getpid(),
+            "run_dir": str(self.s.run_dir),
+        }
+
+    def emit_event(self, kind: str, data: dict[str, Any]) -> dict[str, Any] | None:
+        if self.s.store is None:
+            return None
+        row = self.s.store.log_event(kind, self.step, data)
+        self.channel.send({"type": "event", **row})
+        return row
+
+    # -- checkpoint state ----------------------------------------------------------------------
+
+    def checkpoint_parts(self) -> dict[str, Any]:
+        parts: dict[str, Any] = {}
+        engine_state = {}
+        for name, engine in self.s.engines.items():
+            state = engine.state_dict()
+            parts[f"model.{name}"] = state.pop("model")
+            parts[f"optimizer.{name}"] = state.pop("optimizer")
+            engine_state[name] = state
+        parts[TRAINER_STATE] = {
+            VERSION: STATE_VERSION,
+            STEP: self.step,
+            SAMPLES: self.samples_seen,
+            TOKENS: self.tokens_seen,
+            NONFINITE: self.steps.nonfinite_total,
+            ENGINES: engine_state,
+            RANKS: distributed.gather_objects({"rng": rng.capture(), "data": self.s.feed.state_dict()}),
+            COMMANDS: self.controller.scheduler.state_dict(),
+            CONFIG: config_to_dict(self.cfg),
+        }
+        return parts
+
+    def load_parts(self, parts: dict[str, Any]) -> None:
+        state = parts.get(TRAINER_STATE)
+        if not isinstance(state, dict):
+            raise ValueError("checkpoint lacks its trainer_state")
+        missing = [k for k in (VERSION, STEP, ENGINES, RANKS, COMMANDS) if k not in state]
+        if missing:
+            raise ValueError(f"checkpoint trainer_state lacks {', '.join(missing)}")
+        ranks = state[RANKS]
+        if len(ranks) != distributed.world_size():
+            raise ValueError(f"checkpoint was written by {len(ranks)} rank(s); this run has {distributed.world_size()}")
+        for name, engine in self.s.engines.items():
+            if f"model.{name}" not in parts or name not in state[ENGINES]:
+                raise ValueError(f"checkpoint has no engine {name!r} (has {sorted(state[ENGINES])})")
+            engine.load_state_dict(
+                {"model": parts[f"model.{name}"], "optimizer": parts[f"optimizer.{name}"], **state[ENGINES][name]}
+            )
+        mine = ranks[distributed.rank()]
+        self.s.feed.load_state_dict(mine["data"])
+        rng.restore(mine["rng"])
+        self.controller.scheduler.load_state_dict(state[COMMANDS])
+        self.step = int(state[STEP])
+        self.samples_seen = int(state.get(SAMPLES, 0))
+        self.tokens_seen = int(state.get(TOKENS, 0))
+        self.steps.nonfinite_total = int(state.get(NONFINITE, 0))
+
