@@ -2,9 +2,9 @@
 
 A recipe is a function ``build(config) -> Recipe``. It names the models (one engine each),
 the data, the per-batch step and, optionally, evaluation and export. The loop owns everything
-else: optimizers, schedules, AMP, checkpoints, commands. A recipe function may carry its own
-config defaults as ``build.config_defaults = {...}`` (a nested dict, below the config file and
-``--set`` in precedence).
+else: optimizers, schedules, AMP, checkpoints, commands. A recipe may carry its own config defaults
+as ``config_defaults = {...}`` in its module or on the function (a nested dict, below the config
+file and ``--set`` in precedence).
 """
 
 from __future__ import annotations
@@ -138,7 +138,14 @@ def _load_file(path: Path, spec: str) -> Any:
 
 
 def recipe_defaults(spec: str) -> dict[str, Any]:
-    return dict(getattr(load_recipe(spec), "config_defaults", {}) or {})
+    """The recipe's own config defaults: ``build.config_defaults`` or its module's ``config_defaults``."""
+    func = load_recipe(spec)
+    defaults = getattr(func, "config_defaults", None)
+    if defaults is None:
+        defaults = getattr(sys.modules.get(func.__module__), "config_defaults", None)
+    if defaults is not None and not isinstance(defaults, Mapping):
+        raise RecipeError(f"recipe {spec!r}: config_defaults must be a mapping, got {type(defaults).__name__}")
+    return dict(defaults or {})
 
 
 def resolve_config(recipe_spec: str, config_file: str | None, overrides: list[str] | tuple[str, ...]) -> Config:

@@ -161,6 +161,3 @@ def build(config: Any) -> Recipe:
         models=TinyCodecLM(spec), dataset=train_set, step=step, collate_fn=collate,
         lengths=train_set.lengths, eval=evaluate,
     )
-
-
-build.config_defaults = config_defaults  # type: ignore[attr-defined]
