@@ -1,0 +1,182 @@
+// Dashboard entry point: wires the panels to the REST API and the live socket.
+// The template passes its settings as data attributes (no inline script, so a strict CSP works).
+
+import { Alerts } from "./alerts.js";
+import { api } from "./api.js";
+import { ChartBoard } from "./charts.js";
+import { CheckpointTable } from "./checkpoints.js";
+import { Connection } from "./connection.js";
+import { Controls } from "./controls.js";
+import { EventLog } from "./eventlog.js";
+import { StatusPanel } from "./status.js";
+
+const EVENTS_PAGE = 1000;
+const MAX_EVENT_PAGES = 50;
+const SETTINGS_KEY = "traindeck.chart-settings";
+
+const $ = (id) => document.getElementById(id);
+const readOnly = document.body.dataset.readOnly === "true";
+
+function loadSettings() {
+  try {
+    const saved = JSON.parse(localStorage.getItem(SETTINGS_KEY) ?? "{}");
+    const smoothing = Number(saved.smoothing);
+    return {
+      smoothing: Number.isFinite(smoothing) && smoothing >= 0 && smoothing < 1 ? smoothing : 0.6,
+      log: saved.log === true,
+    };
+  } catch {
+    return { smoothing: 0.6, log: false };
+  }
+}
+
+function saveSettings(settings) {
+  try {
+    localStorage.setItem(SETTINGS_KEY, JSON.stringify(settings));
+  } catch {
+    // Storage may be disabled; the settings then last for this page only.
+  }
+}
+
+const log = new EventLog($("event-log"));
+const alerts = new Alerts($("alerts"));
+const statusPanel = new StatusPanel(document);
+const controls = new Controls(document, { api, log, readOnly });
+const reportError = (message) => log.addLocal(message, { level: "warning" });
+const checkpoints = new CheckpointTable($("checkpoints"), $("checkpoints-empty"), api.checkpoints, reportError);
+
+const board = new ChartBoard($("charts"), {
+  fetchMetrics: api.metrics,
+  settings: loadSettings(),
+  onError: reportError,
+  onZoom: (range) => {
+    $("reset-zoom").hidden = range === null;
+    $("zoom-range").hidden = range === null;
+    $("zoom-range").textContent = range ? `steps ${range.from}–${range.to}` : "";
+  },
+  onFirstPaint: () => {
+    performance.mark("traindeck:first-paint");
+    document.documentElement.dataset.firstPaintMs = performance.now().toFixed(0);
+  },
+});
+
+let lastEventId = 0;
+let lastCheckpoint = null;
+
+function handleStatus(status) {
+  const current = statusPanel.update(status);
+  controls.setStatus(current);
+  if (current.state === "crashed") alerts.crashed(current.traceback, current.exit_code);
+  else if (current.state === "running" || current.state === "starting") alerts.clear("crash");
+  const checkpoint = JSON.stringify(current.last_checkpoint ?? null);
+  if (checkpoint !== lastCheckpoint) {
+    if (lastCheckpoint !== null) checkpoints.refreshSoon();
+    lastCheckpoint = checkpoint;
+  }
+}
+
+function handleEvent(event) {
+  if (!event || typeof event !== "object") return;
+  if (typeof event.id === "number" && event.id > lastEventId) lastEventId = event.id;
+  log.addEvent(event);
+  board.addEvents([event]);
+  if (event.kind === "alert") alerts.fromEvent(event);
+  if (event.kind === "checkpoint" || event.kind === "export") checkpoints.refreshSoon();
+}
+
+function handleMetrics(msg) {
+  board.appendMetrics(msg);
+  for (const [name, value] of Object.entries(msg.values ?? {})) {
+    if (name.includes("loss") && !(typeof value === "number" && Number.isFinite(value))) {
+      alerts.nonFinite(name, msg.step);
+    }
+  }
+}
+
+function handleMessage(msg) {
+  switch (msg.type) {
+    case "metrics":
+      handleMetrics(msg);
+      break;
+    case "status":
+      handleStatus(msg);
+      break;
+    case "event":
+      handleEvent(msg.event ?? msg);
+      break;
+    case "result":
+      log.addResult(msg.result ?? msg);
+      break;
+    case "crash":
+      alerts.crashed(msg.traceback, msg.exit_code);
+      break;
+    default:
+      break;
+  }
+}
+
+async function loadEvents() {
+  for (let page = 0; page < MAX_EVENT_PAGES; page += 1) {
+    const body = await api.events(lastEventId);
+    const events = Array.isArray(body) ? body : Array.isArray(body?.events) ? body.events : [];
+    const before = lastEventId;
+    for (const event of events) handleEvent(event);
+    if (events.length < EVENTS_PAGE || lastEventId === before) return;
+  }
+}
+
+/** Fetch everything the page shows; after a reconnect this fills what the socket missed. */
+async function loadAll() {
+  const tasks = [
+    ["history", board.reload()],
+    ["status", api.status().then(handleStatus)],
+    ["events", loadEvents()],
+    ["checkpoints", checkpoints.refresh()],
+  ];
+  const results = await Promise.allSettled(tasks.map(([, task]) => task));
+  results.forEach((result, i) => {
+    if (result.status === "rejected") reportError(`could not load ${tasks[i][0]}: ${result.reason?.message}`);
+  });
+}
+
+function setConnection(state, detail) {
+  const el = $("connection");
+  el.dataset.state = state;
+  el.textContent = detail;
+}
+
+function wireChartOptions(settings) {
+  const slider = $("smoothing");
+  const output = $("smoothing-value");
+  const log10 = $("log-scale");
+  slider.value = String(settings.smoothing);
+  output.textContent = settings.smoothing.toFixed(2);
+  log10.checked = settings.log;
+  slider.addEventListener("input", () => {
+    const weight = Number(slider.value);
+    output.textContent = weight.toFixed(2);
+    board.setSmoothing(weight);
+    saveSettings(board.settings);
+  });
+  log10.addEventListener("change", () => {
+    board.setLog(log10.checked);
+    saveSettings(board.settings);
+  });
+  $("reset-zoom").addEventListener("click", () => board.resetZoom());
+  window.matchMedia("(prefers-color-scheme: dark)").addEventListener("change", () => board.rebuild());
+}
+
+wireChartOptions(board.settings);
+const connection = new Connection({
+  onMessage: handleMessage,
+  onOpen: (isReconnect) => {
+    if (isReconnect) loadAll();
+  },
+  onState: setConnection,
+  checkAuth: async () => {
+    const res = await fetch("/api/status", { credentials: "same-origin", cache: "no-store" });
+    return res.status !== 401 && res.status !== 403;
+  },
+});
+loadAll();
+connection.start();
