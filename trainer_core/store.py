@@ -261,14 +261,19 @@ def _read(path: str | Path, query: str, params: Sequence[Any] | Mapping[str, Any
 
 
 # Walks the (name, step) key from one name to the next: O(names * log rows), not a full scan.
-_NAMES_QUERY = """
+_NAMES_CTE = """
 WITH RECURSIVE names(name) AS (
     SELECT MIN(name) FROM metrics
     UNION ALL
     SELECT (SELECT MIN(name) FROM metrics WHERE name > names.name) FROM names WHERE names.name IS NOT NULL
 )
-SELECT name FROM names WHERE name IS NOT NULL
 """
+_NAMES_QUERY = _NAMES_CTE + "SELECT name FROM names WHERE name IS NOT NULL"
+# The highest step of each name is one key lookup; MAX(step) over the table would scan it all.
+_LAST_STEP_QUERY = _NAMES_CTE + (
+    "SELECT MAX((SELECT MAX(step) FROM metrics WHERE metrics.name = names.name)) FROM names "
+    "WHERE names.name IS NOT NULL"
+)
 
 
 def metric_names(path: str | Path) -> list[str]:
@@ -278,7 +283,7 @@ def metric_names(path: str | Path) -> list[str]:
 
 def last_step(path: str | Path) -> int | None:
     """The highest step with a metric row, or None for an empty or missing store."""
-    rows = _read(path, "SELECT MAX(step) FROM metrics")
+    rows = _read(path, _LAST_STEP_QUERY)
     return rows[0][0] if rows else None
 
 
