@@ -76,20 +76,21 @@ class TrainerConfig(_Section):
     save_on_quit: bool = _setting(True, "save a checkpoint on quit, on a signal and when the server goes away")
     export_on_save: bool = _setting(False, "also export the weights at every checkpoint")
     export_on_quit: bool = _setting(False, "export the weights when quitting")
-    seed: int = _setting(0, "random seed for torch, the samplers and the recipe", min=0)
+    seed: int = _setting(0, "random seed (torch, the samplers, data order)", min=0)
     device: str = _setting("auto", "auto, cpu, cuda, cuda:N or mps (auto: cuda if available)", pattern=DEVICE_PATTERN)
     dtype: str = _setting("float32", "autocast dtype on CUDA (float32: no autocast)",
                           choices=("float32", "bfloat16", "float16"))
     grad_accumulation: int = _setting(1, "micro-batches per optimizer step", min=1)
     grad_clip: float = _setting(0.0, "clip the gradient norm to this (0: off; grad_norm is measured anyway)", min=0)
     detect_anomaly: bool = _setting(False, "torch.autograd anomaly detection (slow; for debugging)")
-    nonfinite_patience: int = _setting(10, "consecutive non-finite losses skipped before the run stops", min=0)
+    nonfinite_patience: int = _setting(10, "non-finite losses in a row (updates skipped) before the run pauses",
+                                       min=0)
     weights_format: str = _setting("safetensors", "format of checkpoint weights and exports",
                                    choices=("safetensors", "pt"))
     log_every: int = _setting(10, "print a plain-text progress line every N steps (0: never)", min=0)
     status_every_s: float = _setting(1.0, "seconds between status messages to the dashboard", above=0)
     tensorboard: bool = _setting(False, "also write TensorBoard event files in the run directory")
-    deterministic: bool = _setting(True, "ask torch for deterministic algorithms where they exist")
+    deterministic: bool = _setting(True, "deterministic cuDNN algorithms, no benchmark autotuning")
 
 
 @dataclass
@@ -97,8 +98,9 @@ class DataConfig(_Section):
     SECTION: ClassVar[str] = "data"
 
     batch_size: int = _setting(16, "items per batch (per rank)", min=1)
-    max_tokens: int = _setting(0, "with the batched sampler: at most this many tokens per batch (0: no cap)", min=0)
-    sampler: str = _setting("auto", "auto, random, ordered or batched (auto: the recipe's choice)",
+    max_tokens: int = _setting(0, "token budget per batch for the batched sampler (0: batches of batch_size)", min=0)
+    sampler: str = _setting("auto", "auto, random, ordered or batched (auto: batched when max_tokens > 0 and "
+                                    "the recipe gives lengths, else random if shuffle, else ordered)",
                             choices=("auto", "random", "ordered", "batched"))
     num_workers: int = _setting(0, "DataLoader worker processes (0: load in the training process)", min=0)
     prefetch_factor: int = _setting(2, "batches each worker loads ahead", min=1)
@@ -117,7 +119,7 @@ class OptimizerConfig(_Section):
         "help": "Adam betas: two numbers in [0, 1)", "length": 2, "min": 0, "below": 1})
     momentum: float = _setting(0.9, "SGD momentum, in [0, 1)", min=0, below=1)
     eps: float = _setting(1e-8, "Adam epsilon", above=0)
-    warmup_steps: int = _setting(0, "linear warm-up from 0 to lr over this many steps", min=0)
+    warmup_steps: int = _setting(0, "linear warm-up to lr over the first N steps", min=0)
     schedule: str = _setting("constant", "lr after warm-up: constant, cosine or linear decay to min_lr_ratio * lr",
                              choices=("constant", "cosine", "linear"))
     min_lr_ratio: float = _setting(0.0, "final lr of a decaying schedule, as a fraction of lr", min=0, max=1)
@@ -484,3 +486,13 @@ for _tag, _pattern, _first in _CORE_RESOLVERS:
     if _tag.endswith(("int", "float")):
         _Dumper.add_implicit_resolver(_tag, _regex, _first)
 _Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    # PyYAML writes NEL (U+0085) raw inside single quotes, where a reader folds it to a space;
+    # double quotes escape it.
+    style = '"' if "\x85" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)

@@ -313,7 +313,7 @@ def test_dump_yaml_into_a_missing_folder_fails_without_leaving_files(tmp_path: P
 
 
 def test_strings_that_look_like_other_types_survive_the_yaml_round_trip(tmp_path: Path) -> None:
-    tricky = ["1e-4", "yes", "no", "on", "null", "~", "", "true", "0x10", "017", "2024-01-01", "1:30", ".inf",
+    tricky = ["1e-4", "yes", "no", "on", "null", "~", "", "true", "0x10", "017", "2024-01-01", "1:30", ".inf", "a\x85b",
               "- x", "a: b", "#hash", "'quoted'", "multi\nline", "  padded  "]
     cfg = config_from_dict({"recipe": {"strings": tricky}})
     assert load_config(dump_yaml(cfg, tmp_path / "c.yaml")).recipe["strings"] == tricky
