@@ -178,7 +178,9 @@ class PipeChannel:
             self._wake.set()
 
     def close(self) -> None:
-        """Flush what is queued (bounded in time), then release the pipe."""
+        """Flush what is queued (bounded in time), then release the pipe; idempotent."""
+        if self._closing.is_set():
+            return
         self._closing.set()
         self._wake.set()
         self._sender.join(self._close_timeout)

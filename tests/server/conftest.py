@@ -1,0 +1,181 @@
+"""A real `traindeck serve` (uvicorn on a free loopback port, a spawned trainer) for the server tests.
+
+One demo run is shared by the whole session (``served``); it is paused once it has a few steps
+of history so it does not burn the CPU the other tests need. Tests that change the run's
+fate (kill, quit, signals) start their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from websockets.sync.client import ClientConnection, connect
+
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 120.0
+DASHBOARD_RE = re.compile(r"Dashboard: (http://([^/]+))/\?token=(\S+)")
+TINY = ["--set", "trainer.iterations=1000000", "--set", "trainer.save_frequency=0", "--set", "trainer.eval_frequency=0",
+        "--set", "trainer.status_every_s=0.2"]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Served:
+    """`python -m server.cli ARGS` in its own session, with its output collected line by line."""
+
+    def __init__(self, args: list[str], *, cwd: Path = REPO) -> None:
+        self.args = args
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", *args],
+            cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._readers = [threading.Thread(target=self._collect, args=(stream, sink), daemon=True)
+                         for stream, sink in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr))]
+        for thread in self._readers:
+            thread.start()
+        match = wait_until(self._dashboard, START_TIMEOUT_S, "the Dashboard line")
+        self.base, self.hostport, self.token = match.group(1), match.group(2), match.group(3)
+        self.port = int(self.hostport.rsplit(":", 1)[1])
+        self.ws_url = self.base.replace("http://", "ws://") + "/ws"
+
+    @staticmethod
+    def _collect(stream: Any, sink: list[str]) -> None:
+        for raw in iter(stream.readline, b""):
+            sink.append(raw.decode("utf-8", "replace").rstrip("\n"))
+
+    def _dashboard(self) -> re.Match[str] | None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"server exited with {self.proc.returncode}: {self.stderr}")
+        for line in self.stdout:
+            match = DASHBOARD_RE.search(line)
+            if match:
+                return match
+        return None
+
+    # -- HTTP / WebSocket ------------------------------------------------------------------------
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def http(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.base, headers=self.auth, timeout=90, **kwargs)
+
+    def ws(self, **kwargs: Any) -> ClientConnection:
+        kwargs.setdefault("open_timeout", 30)
+        return connect(self.ws_url, additional_headers=self.auth, **kwargs)
+
+    def status(self) -> dict[str, Any]:
+        with self.http() as client:
+            return client.get("/api/status").json()
+
+    def wait_state(self, states: set[str] | str, timeout: float = 60) -> dict[str, Any]:
+        wanted = {states} if isinstance(states, str) else states
+        return wait_until(lambda: (s := self.status())["state"] in wanted and s, timeout, f"state in {wanted}")
+
+    def wait_step(self, step: int, timeout: float = 90) -> dict[str, Any]:
+        return wait_until(lambda: (s := self.status())["step"] >= step and s, timeout, f"step {step}")
+
+    def command(self, name: str, body: dict[str, Any] | None = None, **params: Any) -> httpx.Response:
+        with self.http() as client:
+            return client.post(f"/command/{name}", json=body, params=params)
+
+    # -- process ---------------------------------------------------------------------------------
+
+    def type(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def wait_output(self, pattern: str, timeout: float = 60, stream: str = "stdout") -> str:
+        regex = re.compile(pattern)
+        lines = self.stdout if stream == "stdout" else self.stderr
+        return wait_until(lambda: next((line for line in list(lines) if regex.search(line)), None), timeout,
+                          f"{pattern!r} on {stream}")
+
+    def signal(self, sig: int, group: bool = False) -> None:
+        if group:
+            os.killpg(self.proc.pid, sig)
+        else:
+            self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float = 120) -> int:
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        """Stop the server (and so its trainer); kill everything left in its session if it hangs."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(90)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.wait(10)
+        for thread in self._readers:
+            thread.join(10)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purposes (its parent has not reaped it yet).
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def events_of(served: Served, kind: str, since_id: int = 0) -> list[dict[str, Any]]:
+    with served.http() as client:
+        return [e for e in client.get("/api/events", params={"since_id": since_id, "limit": 10000}).json()
+                if e["kind"] == kind]
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The shared demo run: a few steps of history, then paused (commands still answer)."""
+    run_dir = tmp_path_factory.mktemp("shared") / "run"
+    server = Served(["serve", "demo", "--port", "0", "--run-dir", str(run_dir), *TINY])
+    try:
+        server.wait_step(3)
+        assert server.command("pause").status_code == 200
+        server.wait_state("paused")
+        yield server
+    finally:
+        server.close()
