@@ -170,7 +170,7 @@ class Config:
     def __post_init__(self) -> None:
         for name, cls in SECTION_CLASSES.items():
             if not isinstance(getattr(self, name), cls):
-                raise ConfigError(f"{name}: expected a {cls.__name__}, got {type(getattr(self, name)).__name__}", name)
+                raise ConfigError(f"{name}: expected {cls.__name__}, got {type(getattr(self, name)).__name__}", name)
         self.recipe = _check_recipe(RECIPE, self.recipe)
 
 

@@ -281,7 +281,7 @@ def test_sections_built_directly_are_validated_with_their_key_path() -> None:
         DataConfig(num_workers="2")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"^optimizer.eps: expected a number > 0"):
         dataclasses.replace(OptimizerConfig(), eps=0)
-    with pytest.raises(ConfigError, match=r"^optimizations: expected a OptimizationsConfig, got dict$"):
+    with pytest.raises(ConfigError, match=r"^optimizations: expected OptimizationsConfig, got dict$"):
         Config(optimizations={})  # type: ignore[arg-type]
     assert OptimizationsConfig(attention="sdpa:flash").attention == "sdpa:flash"
 
