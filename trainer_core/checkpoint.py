@@ -18,7 +18,8 @@ once it is complete; a crash leaves hidden debris (``.tmp-*``, ``.old-*``, ``.tr
 Why sizes plus edge CRCs rather than a full hash: the failures seen in practice are truncation
 (disk full, killed copies) and torn headers/tails, which sizes and the edges catch in two small
 reads; hashing every byte of a multi-GB checkpoint would add seconds to each save and load.
-Whatever the edges miss inside a file is caught when ``trainer_core.io`` parses it.
+A malformed header or structure is also caught when ``trainer_core.io`` parses the file; what
+neither catches is bytes changed in the middle of tensor data, which no full hash was paid for.
 """
 
 from __future__ import annotations
@@ -284,15 +285,17 @@ class CheckpointManager:
         return None
 
     def clean_partial(self) -> list[Path]:
-        """Remove what interrupted saves left behind; never touches a committed checkpoint.
+        """Remove what interrupted saves and exports left behind; never touches a committed checkpoint.
 
         A staged folder that was complete (its manifest verifies) but never renamed, because the
         process died between the two renames of a same-step replace, is promoted instead.
         """
+        exports = self.run_dir / EXPORTS_DIR
+        removed = io.remove_stale_temp_files(exports) if exports.is_dir() else []
         if not self.root.is_dir():
-            return []
+            return removed
         self._promote_complete_debris()
-        removed = []
+        removed += io.remove_stale_temp_files(self.root)
         for entry in sorted(self.root.iterdir()):
             if entry.name.startswith(DEBRIS_PREFIXES):
                 if _pid_alive(_debris_pid(entry.name)):
@@ -330,14 +333,7 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
 
     def _write_latest(self, name: str) -> None:
-        """Replace the pointer file atomically: readers see the old name or the new one."""
-        temp = self.root / f".tmp-{LATEST}-{os.getpid()}"
-        with open(temp, "w", encoding="utf-8") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, self.root / LATEST)
-        _fsync_dir(self.root)
+        io.atomic_write_text(self.root / LATEST, name + "\n")
 
     def _rotate(self, newest: Path) -> None:
         if self.keep_last <= 0:
