@@ -5,8 +5,7 @@ Precedence, lowest first: dataclass defaults < ``defaults`` (a recipe's own) < Y
 names the key path and where the bad value came from. Sections are fixed and typed; the
 ``recipe`` section is a free-form mapping handed to the recipe.
 
-YAML is read with YAML 1.2 core scalars: ``1e-4`` is a number (YAML 1.1 reads it as a
-string), ``yes``/``no``/``on``/``off`` and dates stay strings.
+YAML is read with YAML 1.2 core scalars (see ``config_yaml``): ``lr: 1e-4`` is a number.
 """
 
 from __future__ import annotations
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any, ClassVar, get_type_hints
 
 import yaml
+
+from trainer_core import config_yaml
 
 
 class ConfigError(ValueError):
@@ -62,6 +63,8 @@ def _hints(cls: type) -> dict[str, Any]:
     return get_type_hints(cls)
 
 
+# The same names as trainer_core.attention.KNOWN_ATTENTION (which needs torch; a test keeps them equal).
+ATTENTION_CHOICES = ("", "sdpa", "sdpa:flash", "sdpa:efficient", "sdpa:cudnn", "sdpa:math", "math")
 DEVICE_PATTERN = (r"auto|cpu|mps|cuda(:[0-9]+)?", "auto, cpu, cuda, cuda:N or mps")
 
 
@@ -131,12 +134,12 @@ class OptimizationsConfig(_Section):
 
     activation_offload: bool = _setting(False, "keep activations of offloaded blocks on the CPU for the backward")
     unsloth: bool = _setting(False, "alias of activation_offload (true turns it on)")
-    offload_blocks: str = _setting("", "comma-separated block class names to offload (empty: the recipe's blocks)")
-    linear: str = _setting("", "replacement for the model's nn.Linear layers (empty: keep them)")
-    embedding: str = _setting("", "replacement for the model's nn.Embedding layers (empty: keep them)")
-    attention: str = _setting("", "attention kernel: sdpa, math, sdpa:flash, sdpa:efficient or sdpa:math "
-                                  "(empty: the model's own)",
-                              choices=("", "sdpa", "math", "sdpa:flash", "sdpa:efficient", "sdpa:math"))
+    offload_blocks: str = _setting("", "comma-separated block class names, or a regex on module names "
+                                       "(empty: found automatically)")
+    linear: str = _setting("", "swap nn.Linear layers: linear, bf16 or fp16 (compute in that dtype); empty: keep")
+    embedding: str = _setting("", "swap nn.Embedding layers: embedding or sparse (sparse gradients); empty: keep")
+    attention: str = _setting("", "attention kernel: sdpa, sdpa:flash, sdpa:efficient, sdpa:cudnn, sdpa:math or "
+                                  "math (empty: the model's own)", choices=ATTENTION_CHOICES)
     compile: bool = _setting(False, "torch.compile the model")
     compile_backend: str = _setting("auto", "torch.compile backend (auto: torch's default)", pattern=(r".+", "a name"))
     measure_activations: bool = _setting(False, "log the activation memory of each step")
@@ -354,9 +357,9 @@ def parse_override(item: str) -> dict[str, Any]:
     if not all(parts):
         raise ConfigError(f"--set {item!r}: the key {key!r} has an empty part", key)
     try:
-        value = yaml.load(text, Loader=_Loader) if text.strip() else ""
+        value = config_yaml.load(text) if text.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({_yaml_problem(exc)})", key) from None
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({config_yaml.problem(exc)})", key) from None
     for part in reversed(parts):
         value = {part: value}
     return value
@@ -404,14 +407,13 @@ def read_yaml(path: str | os.PathLike[str]) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     try:
-        return yaml.load(text, Loader=_Loader)
+        return config_yaml.load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
+        raise ConfigError(f"{path} is not valid YAML: {config_yaml.problem(exc)}") from None
 
 
 def config_to_yaml(cfg: Config) -> str:
-    return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True,
-                     default_flow_style=False)
+    return config_yaml.dump(config_to_dict(cfg))
 
 
 def dump_yaml(cfg: Config, path: str | os.PathLike[str]) -> Path:
@@ -443,56 +445,3 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-# ---------------------------------------------------------------------------------- YAML
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc)
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
-
-
-_CORE_RESOLVERS = (
-    ("tag:yaml.org,2002:null", r"~|null|Null|NULL|", ["~", "n", "N", ""]),
-    ("tag:yaml.org,2002:bool", r"true|True|TRUE|false|False|FALSE", list("tTfF")),
-    ("tag:yaml.org,2002:int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", list("-+0123456789")),
-    ("tag:yaml.org,2002:float", r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
-                                r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)", list("-+0123456789.")),
-    ("tag:yaml.org,2002:merge", r"<<", ["<"]),
-)
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 core scalars."""
-
-
-class _Dumper(yaml.SafeDumper):
-    """SafeDumper that also quotes strings a YAML 1.2 reader would take for numbers."""
-
-
-def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
-    text = str(loader.construct_scalar(node))
-    sign, digits = (-1, text[1:]) if text.startswith("-") else (1, text.lstrip("+"))
-    base = {"0o": 8, "0x": 16}.get(digits[:2], 10)
-    return sign * int(digits[2:] if base != 10 else digits, base)
-
-
-_Loader.yaml_implicit_resolvers = {}
-for _tag, _pattern, _first in _CORE_RESOLVERS:
-    _regex = re.compile(rf"(?:{_pattern})\Z")  # the resolver uses match(): anchor the end
-    _Loader.add_implicit_resolver(_tag, _regex, _first)
-    if _tag.endswith(("int", "float")):
-        _Dumper.add_implicit_resolver(_tag, _regex, _first)
-_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
-
-
-def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
-    # PyYAML writes NEL (U+0085) raw inside single quotes, where a reader folds it to a space;
-    # double quotes escape it.
-    style = '"' if "\x85" in data else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
-
-
-_Dumper.add_representer(str, _represent_str)

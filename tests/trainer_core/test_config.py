@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trainer_core.config import (
+    ATTENTION_CHOICES,
     Config,
     ConfigError,
     DataConfig,
@@ -191,8 +192,9 @@ def test_yaml_anchors_and_merge_keys_work(tmp_path: Path) -> None:
         (["optimizer.betas=[0.9,x]"], "optimizer.betas[1]: expected a number, got 'x'", "optimizer.betas[1]"),
         (["optimizer.min_lr_ratio=2"], "optimizer.min_lr_ratio: expected a number <= 1, got 2.0",
          "optimizer.min_lr_ratio"),
-        (["optimizations.attention=flash"], "optimizations.attention: expected one of '', sdpa, math, sdpa:flash, "
-                                            "sdpa:efficient, sdpa:math; got 'flash' (did you mean 'sdpa:flash'?)",
+        (["optimizations.attention=flash"], "optimizations.attention: expected one of '', sdpa, sdpa:flash, "
+                                            "sdpa:efficient, sdpa:cudnn, sdpa:math, math; got 'flash' "
+                                            "(did you mean 'sdpa:flash'?)",
          "optimizations.attention"),
         (["optimizations.compile_backend="], "optimizations.compile_backend: expected a name; got ''",
          "optimizations.compile_backend"),
@@ -272,6 +274,12 @@ def test_recipe_keys_must_be_strings_and_values_plain(tmp_path: Path) -> None:
     assert info.value.key == "recipe.model"
     with pytest.raises(ConfigError, match=r"recipe.sizes\[1\]: expected a plain value .* got a set"):
         config_from_dict({"recipe": {"sizes": [1, {2}]}})
+
+
+def test_attention_choices_are_the_kernels_the_trainer_knows() -> None:
+    from trainer_core.attention import KNOWN_ATTENTION
+
+    assert set(ATTENTION_CHOICES) == {"", *KNOWN_ATTENTION}
 
 
 def test_sections_built_directly_are_validated_with_their_key_path() -> None:
