@@ -41,7 +41,7 @@ def test_every_step_writes_one_row_per_metric_to_the_store(tmp_path: Path) -> No
 def test_loss_falls_on_the_demo(tmp_path: Path) -> None:
     train(tmp_path, small_config("trainer.iterations=60"))
     values = [v for _, v in losses(tmp_path)]
-    assert sum(values[-10:]) / 10 < 0.8 * sum(values[:5]) / 5
+    assert sum(values[-10:]) / 10 < 0.85 * sum(values[:5]) / 5
 
 
 def test_periodic_save_and_eval_follow_their_frequencies(tmp_path: Path) -> None:
@@ -69,7 +69,8 @@ def test_commands_are_applied_and_each_gets_one_result(tmp_path: Path) -> None:
     bad = [r for r in channel.results() if not r["ok"]]
     assert [r["command"] for r in bad] == ["sav", "lr -1", "export ../evil"]
     assert "did you mean 'save'" in bad[0]["message"]
-    assert len(events(tmp_path, "command")) == len(script)
+    remote = [data for _, data in events(tmp_path, "command") if '"source": "remote"' in data]
+    assert len(remote) == len(script)
     assert len(events(tmp_path, "result")) >= len(script)
 
 

@@ -1,0 +1,111 @@
+"""Loop overhead: the headless traindeck loop against a bare PyTorch loop, same model and data.
+
+Each step does a real forward/backward/update of a small model plus a busy-wait that stands in
+for the model's compute (1 ms and 0.1 ms). Both loops record when each step starts; steps/s is
+measured between the first and last recorded step, so start-up is excluded. Runs alternate
+between the two loops and the medians are compared.
+
+    python bench/loop_overhead.py [--repeats 5] [--steps-1ms 2000] [--steps-01ms 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer_core.headless import StdinChannel
+from trainer_core.recipe import Recipe, resolve_config
+from trainer_core.sampler import RandomSampler
+from trainer_core.train import run
+
+STAMPS: list[float] = []
+SPEC = "__main__:build"  # this very module, so STAMPS is shared with the recipe
+
+
+def spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def make_parts(seed: int = 0) -> tuple[nn.Module, torch.utils.data.Dataset]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+    data = torch.utils.data.TensorDataset(torch.randn(4096, 16), torch.randn(4096, 1))
+    return model, data
+
+
+def build(config) -> Recipe:
+    model, data = make_parts(config.trainer.seed)
+    spin_s = float(config.recipe["spin_ms"]) / 1000
+
+    def step(engines, batch) -> torch.Tensor:
+        STAMPS.append(time.perf_counter())
+        x, y = batch
+        loss = nn.functional.mse_loss(engines.model(x), y)
+        spin(spin_s)
+        return loss
+
+    return Recipe(models=model, dataset=data, step=step)
+
+
+def rate(stamps: list[float]) -> float:
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def bare_loop(steps: int, spin_ms: float) -> float:
+    model, data = make_parts()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(data, sampler=RandomSampler(len(data)), batch_size=8, drop_last=True)
+    stamps: list[float] = []
+    done = 0
+    while done < steps:
+        for x, y in loader:
+            stamps.append(time.perf_counter())
+            loss = nn.functional.mse_loss(model(x), y)
+            spin(spin_ms / 1000)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done += 1
+            if done == steps:
+                break
+    return rate(stamps)
+
+
+def traindeck_loop(steps: int, spin_ms: float) -> float:
+    STAMPS.clear()
+    config = resolve_config(SPEC, None, [f"trainer.iterations={steps}", "data.batch_size=8", "data.sampler=random",
+                                         f"recipe.spin_ms={spin_ms}", "trainer.save_on_quit=false"])
+    with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as devnull:
+        channel = StdinChannel(None, devnull, log_every=config.trainer.log_every)
+        run(SPEC, config, Path(tmp) / "run", resume=False, channel=channel, install_signal_handlers=False)
+    return rate(STAMPS[:-1] if len(STAMPS) > steps else STAMPS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps-1ms", type=int, default=2000)
+    parser.add_argument("--steps-01ms", type=int, default=10000)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"{'step':>8} {'bare steps/s':>14} {'traindeck steps/s':>18} {'ratio':>7} {'target':>7}")
+    for spin_ms, steps, target in ((1.0, args.steps_1ms, 0.98), (0.1, args.steps_01ms, 0.95)):
+        bare, ours = [], []
+        for _ in range(args.repeats):
+            bare.append(bare_loop(steps, spin_ms))
+            ours.append(traindeck_loop(steps, spin_ms))
+        b, o = statistics.median(bare), statistics.median(ours)
+        print(f"{spin_ms:>6}ms {b:>14.1f} {o:>18.1f} {o / b:>7.3f} {target:>7}")
+
+
+if __name__ == "__main__":
+    main()
