@@ -187,7 +187,10 @@ def list_exports(run_dir: str | Path) -> list[dict[str, Any]]:
     for path in folder.iterdir():
         if path.name.startswith(".") or path.suffix not in EXPORT_SUFFIXES or not path.is_file():
             continue
-        info = path.stat()
+        try:
+            info = path.stat()
+        except FileNotFoundError:  # removed while we listed
+            continue
         exports.append({"name": path.stem, "path": str(path), "time": info.st_mtime, "bytes": info.st_size})
     exports.sort(key=lambda item: (item["time"], item["name"]))
     return exports
@@ -336,11 +339,28 @@ class CheckpointManager:
         io.atomic_write_text(self.root / LATEST, name + "\n")
 
     def _rotate(self, newest: Path) -> None:
+        """Keep ``newest`` and the ``keep_last - 1`` highest-step intact others.
+
+        A damaged checkpoint (a file missing, truncated or changed) neither counts toward
+        ``keep_last`` nor gets deleted: it is evidence, and the good ones stay around it.
+        Rotation failing never fails the save that was already committed.
+        """
         if self.keep_last <= 0:
             return
-        others = [folder for _, _, folder, _ in _committed_folders(self.root) if folder != newest]
-        for folder in others[: max(0, len(others) - (self.keep_last - 1))]:
-            _remove_tree(folder)
+        intact = []
+        for _, _, folder, manifest in _committed_folders(self.root):
+            if folder == newest:
+                continue
+            try:
+                verify_files(folder, manifest)
+            except CheckpointError:
+                continue
+            intact.append(folder)
+        for folder in intact[: max(0, len(intact) - (self.keep_last - 1))]:
+            try:
+                _remove_tree(folder)
+            except OSError as exc:
+                _log.warning("could not remove old checkpoint %s: %s", folder, exc)
 
     def _promote_complete_debris(self) -> None:
         for entry in sorted(self.root.iterdir(), key=lambda p: not p.name.startswith(".tmp-")):

@@ -56,9 +56,22 @@ class StoreError(OSError):
     """The store file cannot be read or written; the message names the file."""
 
 
-def _finite_or_none(value: Any) -> float | None:
-    number = float(value)
-    return None if math.isnan(number) else number
+def _metric_rows(step: int, values: Mapping[str, Any], now: float) -> list[MetricRow]:
+    if not all(type(name) is str and name for name in values):
+        raise ValueError(f"metric names at step {step} must be non-empty strings, got {list(values)!r}")
+    try:
+        return [(step, name, None if math.isnan(v := float(value)) else v, now) for name, value in values.items()]
+    except (TypeError, ValueError):
+        bad = {name: value for name, value in values.items() if not _is_number(value)}
+        raise ValueError(f"metric values at step {step} must be numbers, got {bad!r}") from None
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 class MetricsStore:
@@ -105,7 +118,7 @@ class MetricsStore:
         """Queue one row per metric for ``step``; NaN is stored as NULL."""
         step = operator.index(step)
         now = _time.time() if time is None else float(time)
-        rows = [(step, name, _finite_or_none(value), now) for name, value in values.items()]
+        rows = _metric_rows(step, values, now)
         with self._lock:
             self._check_open()
             self._metrics.extend(rows)

@@ -122,6 +122,22 @@ def test_rotation_never_removes_the_checkpoint_just_saved(tmp_path: Path) -> Non
     assert (manager.root / LATEST).read_text().strip() == "step_00000040"
 
 
+def test_a_damaged_checkpoint_takes_no_rotation_slot_and_is_kept_as_evidence(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager.save(10, make_parts(10))
+    damaged = manager.save(20, make_parts(20))
+    (damaged / "model.main.safetensors").write_bytes(b"torn")
+    path, _ = manager.load_latest()
+    assert path.name == "step_00000010"
+    for step in (11, 12, 13):  # the run continues from step 10
+        manager.save(step, make_parts(step))
+    assert [c["step"] for c in list_checkpoints(tmp_path)] == [12, 13, 20]
+    path, parts = manager.load_latest()
+    assert_parts_of(13, parts)
+    assert path.name == "step_00000013"
+    assert [p.name for p, _ in manager.skipped] == ["step_00000020"]
+
+
 def test_keep_last_zero_keeps_every_checkpoint(tmp_path: Path) -> None:
     manager = CheckpointManager(tmp_path, keep_last=0)
     for step in range(5):

@@ -168,6 +168,18 @@ def test_bad_event_arguments_raise_value_errors(db: Path) -> None:
         writer.log_event("", 0, {})
 
 
+def test_bad_metric_values_and_names_raise_value_errors_naming_them(db: Path) -> None:
+    with MetricsStore(db) as writer:
+        with pytest.raises(ValueError, match="'train/loss': 'high'"):
+            writer.log_metrics(3, {"train/loss": "high", "train/lr": 0.1})
+        with pytest.raises(ValueError, match="names"):
+            writer.log_metrics(3, {"": 1.0})
+        with pytest.raises(TypeError):
+            writer.log_metrics(1.5, {"a": 1.0})
+        writer.log_metrics(4, {"a": 1})
+    assert query_metrics(db, "a")["a"]["step"] == [4]
+
+
 def test_logging_after_close_is_an_error(db: Path) -> None:
     writer = MetricsStore(db)
     writer.close()
