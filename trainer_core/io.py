@@ -26,7 +26,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -39,6 +39,8 @@ from trainer_core.io_structure import Encoder, RefusedValue
 TORCH_SUFFIXES = frozenset({".pt", ".pth"})
 SAFETENSORS_SUFFIXES = frozenset({".sft", ".safetensors"})
 TEMP_MARK = ".tmp-"
+# What torch's weights-only unpickler says when a pickle asks for code rather than data.
+_NEEDS_CODE = re.compile(r"GLOBAL|unrecognized function|Can only create new object|Can only build")
 _TEMP_NAME = re.compile(r"^\.(?P<final>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
@@ -181,7 +183,10 @@ def save(obj: Any, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
     The whole object is checked first, so a value neither format can store raises
     ``UnsupportedValueError`` (naming its key path) before anything touches the disk.
     """
-    path = Path(path)
+    _save(obj, Path(path), fsync, None)
+
+
+def _save(obj: Any, path: Path, fsync: bool, metadata: dict[str, str] | None) -> None:
     kind = _format_of(path)
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a directory; cannot save over it", str(path))
@@ -190,7 +195,9 @@ def save(obj: Any, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
     encoder = Encoder()
     try:
         tree = encoder.encode(obj)
-        layout = io_safetensors.plan(tree, encoder.tensors, encoder.where) if kind == "safetensors" else None
+        layout = None
+        if kind == "safetensors":
+            layout = io_safetensors.plan(tree, encoder.tensors, encoder.where, metadata)
     except RefusedValue as e:
         raise UnsupportedValueError(path, str(e)) from None
     with atomic_open(path, fsync=fsync) as f:
@@ -201,6 +208,39 @@ def save(obj: Any, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
             torch.save(obj, f)
         except (RuntimeError, TypeError, KeyError, pickle.PicklingError) as e:
             raise UnsupportedValueError(path, f"torch.save refused it: {e}") from None
+
+
+def save_weights(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
+                 metadata: Mapping[str, str] | None = None, *, fsync: bool = True) -> None:
+    """Export a flat ``{name: tensor}`` for other tools, with free-form strings in ``__metadata__``.
+
+    Only safetensors files carry metadata; ``.pt`` takes the tensors alone. ``load`` gives the
+    mapping back as a dict; ``read_metadata`` gives the strings.
+    """
+    path = Path(path)
+    if not all(type(k) is str and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+        raise UnsupportedValueError(path, "weights must map names (str) to tensors")
+    metadata = dict(metadata or {})
+    if not all(type(k) is str and type(v) is str for k, v in metadata.items()):
+        raise UnsupportedValueError(path, "metadata must map str to str")
+    if io_safetensors.STRUCTURE_KEY in metadata:
+        raise UnsupportedValueError(path, f"metadata key {io_safetensors.STRUCTURE_KEY!r} is reserved")
+    if metadata and _format_of(path) != "safetensors":
+        raise UnsupportedValueError(path, "only .safetensors/.sft files carry metadata")
+    _save(dict(tensors), path, fsync, metadata)
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The free-form ``__metadata__`` strings of a safetensors file (its structure JSON left out)."""
+    path = Path(path)
+    if _format_of(path) != "safetensors":
+        raise UnsupportedSuffixError(path, "only .safetensors/.sft files carry metadata")
+    size = _regular_file_size(path)
+    try:
+        with open(path, "rb") as f:
+            return io_safetensors.read_metadata(f, size)
+    except io_safetensors.FormatError as e:
+        raise CorruptFileError(path, f"not a valid safetensors file: {e}") from None
 
 
 def load(path: str | os.PathLike[str], map_location: Any = "cpu", unsafe: bool = False) -> Any:
@@ -256,9 +296,9 @@ def _load_torch(path: Path, map_location: Any, unsafe: bool) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=not unsafe)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise CorruptFileError(path, f"not a valid torch file: {e}") from None
-        reason = next((line for line in str(e).splitlines() if "WeightsUnpickler error" in line), "")
+        reason = next((line for line in str(e).splitlines() if "WeightsUnpickler error" in line), str(e))
+        if not _NEEDS_CODE.search(reason):
+            raise CorruptFileError(path, f"not a valid torch file ({reason.strip()})") from None
         raise UnsafeFileError(path, "refused: unpickling it needs code beyond tensors and plain containers"
                               f" ({reason.strip()}); load(..., unsafe=True) runs it, for trusted files only") from None
     except (OSError, MemoryError):

@@ -93,8 +93,12 @@ class Plan:
             _write_entry(f, entry)
 
 
-def plan(tree: Any, tensors: list[torch.Tensor], where: list[tuple[Any, ...]]) -> Plan:
-    """Lay out ``tensors`` (as collected by ``io_structure.Encoder``) and build the header."""
+def plan(tree: Any, tensors: list[torch.Tensor], where: list[tuple[Any, ...]],
+         metadata: dict[str, str] | None = None) -> Plan:
+    """Lay out ``tensors`` (as collected by ``io_structure.Encoder``) and build the header.
+
+    ``metadata`` adds free-form strings to ``__metadata__`` for other readers of the file.
+    """
     descs, groups, empties = [], {}, []
     tensors = [_storable(t, w) for t, w in zip(tensors, where, strict=True)]
     for i, t in enumerate(tensors):
@@ -109,7 +113,7 @@ def plan(tree: Any, tensors: list[torch.Tensor], where: list[tuple[Any, ...]]) -
     entries = [_entry(members, tensors, where, descs, used) for members in [*groups.values(), *empties]]
     entries.sort(key=lambda e: (_ST_RANK[e.code], e.name))
     structure = json.dumps({"version": FORMAT_VERSION, "tree": tree, "tensors": descs}, separators=(",", ":"))
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", STRUCTURE_KEY: structure}}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {}), STRUCTURE_KEY: structure}}
     offset = 0
     for e in entries:
         header[e.name] = {"dtype": e.code, "shape": e.shape, "data_offsets": [offset, offset + e.hi - e.lo]}
@@ -211,6 +215,15 @@ def _write_memory(f: BinaryIO, address: int, nbytes: int) -> None:
 
 
 # --------------------------------------------------------------------------- reading
+
+
+def read_metadata(f: BinaryIO, size: int) -> dict[str, str]:
+    """The ``__metadata__`` strings of a safetensors file, without its traindeck structure."""
+    header, data_start = _read_header(f, size)
+    _entries(header, size - data_start)
+    metadata = dict(header.get("__metadata__") or {})
+    metadata.pop(STRUCTURE_KEY, None)
+    return metadata
 
 
 def read(f: BinaryIO, size: int, device: torch.device) -> Any:

@@ -60,6 +60,8 @@ class Encoder:
             return {"tensor": self._tensor(value, where)}
         if kind in (list, tuple, set, dict, collections.OrderedDict):
             return self._container(value, where)
+        if kind is bytes and not value:
+            raise self._refuse(where, "torch's weights-only loader cannot read back an empty bytes (use bytearray())")
         if kind in (bytes, bytearray):
             return {kind.__name__: base64.b64encode(value).decode("ascii")}
         if kind is complex:
