@@ -60,9 +60,10 @@ from trainer_core.pattern_base import (
     Pattern,
     PatternError,
     Segment,
+    SlicedPattern,
+    arithmetic_runs,
     check_count,
     check_sorted_counts,
-    slice_runs,
 )
 
 __all__ = [
@@ -78,7 +79,7 @@ __all__ = [
 ]
 
 
-class DelayedPattern(Pattern):
+class DelayedPattern(SlicedPattern):
     """Codebook q at step ``prefix + t + delays[q]``; the first ``flatten_first`` timesteps flattened.
 
     ``empty_initial`` > 0 adds that many empty steps after the start step; < 0 drops the start step.
@@ -127,24 +128,14 @@ class DelayedPattern(Pattern):
             return flat
         return 0
 
-    def _step_table(self, timesteps: int, device: torch.device) -> torch.Tensor:
-        t = torch.arange(timesteps, device=device)
-        q = torch.arange(self.n_q, device=device)[:, None]
-        delays = self._constant("delays", self.delays, device)[:, None]
-        flat, ff = self._flat(timesteps), self.flatten_first
-        return torch.where(t < ff, self._prefix + t * self.n_q + q, self._prefix + flat * self.n_q - ff + t + delays)
-
     def _segments(self, timesteps: int) -> list[Segment]:
         flat, prefix, k = self._flat(timesteps), self._prefix, self.n_q
-        segments = [Segment(q, q + 1, 0, prefix + q, flat, k) for q in range(k) if flat > 0]
+        segments = [Segment(0, k, 0, prefix, flat, k, 1)] if flat > 0 else []
         if timesteps > self.flatten_first:
             main_start = prefix + flat * k
-            for q0, q1 in slice_runs(self.delays):
-                segments.append(Segment(q0, q1, flat, main_start + self.delays[q0], timesteps - flat, 1))
+            for q0, q1, step in arithmetic_runs(self.delays):
+                segments.append(Segment(q0, q1, flat, main_start + self.delays[q0], timesteps - flat, 1, step))
         return segments
-
-    _place = Pattern._place_by_slices
-    _take = Pattern._take_by_slices
 
 
 class ParallelPattern(DelayedPattern):
@@ -212,7 +203,7 @@ class UnrolledPattern(Pattern):
         return 1 + key * self._empty_inner + earlier + ranks + later_delays
 
 
-class CoarseFirstPattern(Pattern):
+class CoarseFirstPattern(SlicedPattern):
     """All of codebook 0 first, then codebooks 1..K-1 delayed by ``delays`` (K-1 entries)."""
 
     kind = "coarse_first"
@@ -220,7 +211,7 @@ class CoarseFirstPattern(Pattern):
     def __init__(self, n_q: int, delays: Sequence[int] | None = None) -> None:
         super().__init__(n_q)
         self.delays = check_sorted_counts(self.kind, "delays", [0] * (self.n_q - 1) if delays is None else delays,
-                                     self.n_q - 1)
+                                          self.n_q - 1)
 
     def _options(self) -> dict[str, Any]:
         return {"delays": self.delays}
@@ -236,14 +227,14 @@ class CoarseFirstPattern(Pattern):
     def _max_t_after_first(self, timesteps: int) -> int:
         return timesteps + (self._max_delay - self.delays[0] if self.delays else 0)
 
-    def _step_table(self, timesteps: int, device: torch.device) -> torch.Tensor:
-        t = torch.arange(timesteps, device=device)
-        delays = self._constant("delays", (0, *self.delays), device)[:, None]
-        fine = (torch.arange(self.n_q, device=device) > 0)[:, None]
-        return 1 + t + fine * (timesteps + delays)
+    def _segments(self, timesteps: int) -> list[Segment]:
+        segments = [Segment(0, 1, 0, 1, timesteps, 1, 0)] if timesteps else []
+        for q0, q1, step in arithmetic_runs(self.delays) if timesteps else []:
+            segments.append(Segment(q0 + 1, q1 + 1, 0, 1 + timesteps + self.delays[q0], timesteps, 1, step))
+        return segments
 
 
-class MusicLMPattern(Pattern):
+class MusicLMPattern(SlicedPattern):
     """Groups of ``group_by`` codebooks, each flattened over all timesteps before the next group."""
 
     kind = "musiclm"
@@ -263,11 +254,10 @@ class MusicLMPattern(Pattern):
     def _max_t_after_first(self, timesteps: int) -> int:
         return timesteps
 
-    def _step_table(self, timesteps: int, device: torch.device) -> torch.Tensor:
+    def _segments(self, timesteps: int) -> list[Segment]:
         g = self.group_by
-        t = torch.arange(timesteps, device=device)
-        q = torch.arange(self.n_q, device=device)[:, None]
-        return 1 + torch.div(q, g, rounding_mode="floor") * (timesteps * g) + t * g + q % g
+        return [Segment(q0, q0 + g, 0, 1 + q0 * timesteps, timesteps, g, 1)
+                for q0 in range(0, self.n_q, g) if timesteps]
 
 
 _FACTORIES: dict[str, Callable[..., Pattern]] = {

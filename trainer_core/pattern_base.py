@@ -49,19 +49,24 @@ def check_sorted_counts(kind: str, name: str, values: Any, length: int) -> tuple
     return numbers
 
 
-def slice_runs(values: Sequence[int]) -> list[tuple[int, int]]:
-    """``[q0, q1)`` ranges of consecutive equal values: codebooks that one slice copy can move together."""
-    runs: list[tuple[int, int]] = []
-    start = 0
-    for q in range(1, len(values) + 1):
-        if q == len(values) or values[q] != values[start]:
-            runs.append((start, q))
-            start = q
+def arithmetic_runs(values: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(q0, q1, step)``: maximal ranges where ``values`` grow by ``step`` per codebook, so that one
+    strided view covers them all (MusicGen's delays 0..K-1 are a single run)."""
+    runs: list[tuple[int, int, int]] = []
+    q0 = 0
+    while q0 < len(values):
+        q1 = q0 + 1
+        step = values[q1] - values[q0] if q1 < len(values) else 0
+        while q1 < len(values) and values[q1] - values[q1 - 1] == step:
+            q1 += 1
+        runs.append((q0, q1, step))
+        q0 = q1
     return runs
 
 
 class Segment(NamedTuple):
-    """Codebooks ``q0..q1-1``, timesteps ``t0 .. t0+length-1`` at steps ``s0, s0+stride, ...``."""
+    """Codebooks ``q0..q1-1``, timesteps ``t0 .. t0+length-1``: codebook ``q0 + j`` at steps
+    ``s0 + j*q_step``, then every ``stride`` steps. One strided view of the sequence holds it all."""
 
     q0: int
     q1: int
@@ -69,11 +74,20 @@ class Segment(NamedTuple):
     s0: int
     length: int
     stride: int
+    q_step: int
 
-    def count_below(self, limit: int, shift: int = 0) -> int:
-        """How many of the segment's steps (moved ``shift`` earlier) lie below ``limit``."""
-        room = limit - (self.s0 - shift)
-        return 0 if room <= 0 else min(self.length, -(-room // self.stride))
+    def counts_below(self, limit: int, shift: int = 0) -> list[int]:
+        """Per codebook, how many of its steps (moved ``shift`` earlier) lie below ``limit``."""
+        rooms = [limit - (self.s0 - shift + j * self.q_step) for j in range(self.q1 - self.q0)]
+        return [0 if room <= 0 else min(self.length, -(-room // self.stride)) for room in rooms]
+
+    def steps_view(self, seq: torch.Tensor, j0: int, j1: int, i0: int, n: int, shift: int) -> torch.Tensor:
+        """The ``[..., j1-j0, n]`` view of ``seq [..., K, S]`` at items ``i0..i0+n-1`` of codebooks j0..j1-1."""
+        *lead, q_stride, s_stride = seq.stride()
+        first = self.s0 - shift + j0 * self.q_step + i0 * self.stride
+        offset = seq.storage_offset() + (self.q0 + j0) * q_stride + first * s_stride
+        return seq.as_strided((*seq.shape[:-2], j1 - j0, n),
+                              (*lead, q_stride + self.q_step * s_stride, self.stride * s_stride), offset)
 
 
 class _LRU:
@@ -131,9 +145,6 @@ class Pattern(ABC):
     def _starts_empty(self, timesteps: int) -> bool:
         """Whether step 0 holds no coordinate: then model output s predicts step s + 1."""
         return True
-
-    def _segments(self, timesteps: int) -> list[Segment]:
-        raise NotImplementedError(f"{self.kind} moves data by gather, not by slices")
 
     def valid_steps(self, timesteps: int) -> int:
         """The steps ``build(..., keep_only_valid_steps=True)`` keeps: ``layout[:S - max_delay]``."""
@@ -214,22 +225,18 @@ class Pattern(ABC):
         mask = torch.zeros(self.n_q, self.num_steps(timesteps), dtype=torch.bool, device=device)
         return mask.scatter_(1, self._steps(timesteps, device), True)
 
-    def _revert_index(self, timesteps: int, length: int, shift: int, device: torch.device
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(gather index clamped into the sequence, filled mask, its complement) for ``length`` steps."""
+    def _revert_plan(self, timesteps: int, length: int, shift: int, device: torch.device) -> RevertPlan:
         steps = self._steps(timesteps, device) - shift
         filled = steps < length
-        return steps.clamp(0, max(length - 1, 0)), filled, ~filled
+        return RevertPlan(filled, steps.clamp(0, max(length - 1, 0)), ~filled)
 
     def _revert(self, src: torch.Tensor, special: float, timesteps: int, shift: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         key = ("revert", timesteps, src.shape[-1], shift, src.device)
-        index, filled, unfilled = self._cached(
-            key, lambda: self._revert_index(timesteps, src.shape[-1], shift, src.device)
-        )
-        return self._take(src, special, timesteps, shift, index, unfilled), filled.clone()
+        plan = self._cached(key, lambda: self._revert_plan(timesteps, src.shape[-1], shift, src.device))
+        return self._take(src, special, timesteps, shift, plan), plan.filled.clone()
 
-    # -- moving data: gather/scatter for any layout, slices where the layout is a few strided runs ---
+    # -- moving data: one scatter / one gather over the step table ------------------------------
 
     def _place(self, codes: torch.Tensor, special: float, total: int, kept: int) -> torch.Tensor:
         seq = codes.new_full((*codes.shape[:-1], total), special)
@@ -237,33 +244,83 @@ class Pattern(ABC):
         seq.scatter_(-1, steps.expand(codes.shape), codes)
         return seq if kept == total else seq[..., :kept].contiguous()
 
-    def _take(self, src: torch.Tensor, special: float, timesteps: int, shift: int,
-              index: torch.Tensor, unfilled: torch.Tensor) -> torch.Tensor:
+    def _take(self, src: torch.Tensor, special: float, timesteps: int, shift: int, plan: RevertPlan) -> torch.Tensor:
         if src.shape[-1] == 0:
             return src.new_full((*src.shape[:-1], timesteps), special)
-        values = src.gather(-1, index.expand(*src.shape[:-1], timesteps))
-        return values.masked_fill_(unfilled, special)
+        assert plan.index is not None and plan.unfilled is not None, "a gather plan carries its index"
+        values = src.gather(-1, plan.index.expand(*src.shape[:-1], timesteps))
+        return values.masked_fill_(plan.unfilled, special)
+
+
+class RevertPlan(NamedTuple):
+    """What reverting ``length`` steps needs, cached per (T, length, shift, device)."""
+
+    filled: torch.Tensor  # [K, T] bool: positions the sequence holds
+    index: torch.Tensor | None = None  # [K, T] gather index, clamped into the sequence
+    unfilled: torch.Tensor | None = None  # ~filled, kept to skip a kernel per call
+
+
+class SlicedPattern(Pattern):
+    """A pattern whose layout is a few strided runs (:meth:`_segments`): data and masks move by
+    strided copies, with no step table, gather or scatter at all — fewer, cheaper kernels, and on a
+    cache miss (a new T) only two small mask fills."""
+
+    @abstractmethod
+    def _segments(self, timesteps: int) -> list[Segment]:
+        """The runs covering every coordinate (t, q) with t < T exactly once."""
 
     def _cached_segments(self, timesteps: int) -> list[Segment]:
         return self._cached(("segments", timesteps), lambda: self._segments(timesteps))
 
-    def _place_by_slices(self, codes: torch.Tensor, special: float, total: int, kept: int) -> torch.Tensor:
+    def _step_table(self, timesteps: int, device: torch.device) -> torch.Tensor:
+        """Not needed by the strided copies; kept exact so the generic gather works on these layouts too."""
+        table = torch.empty(self.n_q, timesteps, dtype=torch.long, device=device)
+        for seg in self._cached_segments(timesteps):
+            codebooks = torch.arange(seg.q1 - seg.q0, device=device)[:, None] * seg.q_step
+            table[seg.q0:seg.q1, seg.t0:seg.t0 + seg.length] = (
+                codebooks + torch.arange(seg.length, device=device) * seg.stride + seg.s0
+            )
+        return table
+
+    def _build_mask(self, timesteps: int, device: torch.device) -> torch.Tensor:
+        steps = self.num_steps(timesteps)
+        mask = torch.zeros(self.n_q, steps, dtype=torch.bool, device=device)
+        for seg in self._cached_segments(timesteps):
+            for j0, j1, i0, n in _pieces(seg.counts_below(steps)):
+                seg.steps_view(mask, j0, j1, i0, n, 0).fill_(True)
+        return mask
+
+    def _revert_plan(self, timesteps: int, length: int, shift: int, device: torch.device) -> RevertPlan:
+        filled = torch.zeros(self.n_q, timesteps, dtype=torch.bool, device=device)
+        for seg in self._cached_segments(timesteps):
+            for j0, j1, i0, n in _pieces(seg.counts_below(length, shift)):
+                filled[seg.q0 + j0:seg.q0 + j1, seg.t0 + i0:seg.t0 + i0 + n] = True
+        return RevertPlan(filled)
+
+    def _place(self, codes: torch.Tensor, special: float, total: int, kept: int) -> torch.Tensor:
         seq = codes.new_full((*codes.shape[:-1], kept), special)
         for seg in self._cached_segments(codes.shape[-1]):
-            n = seg.count_below(kept)
-            if n:
-                seq[..., seg.q0:seg.q1, seg.s0:seg.s0 + (n - 1) * seg.stride + 1:seg.stride] = (
-                    codes[..., seg.q0:seg.q1, seg.t0:seg.t0 + n]
-                )
+            for j0, j1, i0, n in _pieces(seg.counts_below(kept)):
+                t0 = seg.t0 + i0
+                seg.steps_view(seq, j0, j1, i0, n, 0).copy_(codes[..., seg.q0 + j0:seg.q0 + j1, t0:t0 + n])
         return seq
 
-    def _take_by_slices(self, src: torch.Tensor, special: float, timesteps: int, shift: int,
-                        index: torch.Tensor, unfilled: torch.Tensor) -> torch.Tensor:
+    def _take(self, src: torch.Tensor, special: float, timesteps: int, shift: int, plan: RevertPlan) -> torch.Tensor:
         out = src.new_full((*src.shape[:-1], timesteps), special)
         for seg in self._cached_segments(timesteps):
-            n = seg.count_below(src.shape[-1], shift)
-            if n:
-                s0 = seg.s0 - shift
-                steps = slice(s0, s0 + (n - 1) * seg.stride + 1, seg.stride)
-                out[..., seg.q0:seg.q1, seg.t0:seg.t0 + n] = src[..., seg.q0:seg.q1, steps]
+            for j0, j1, i0, n in _pieces(seg.counts_below(src.shape[-1], shift)):
+                t0 = seg.t0 + i0
+                out[..., seg.q0 + j0:seg.q0 + j1, t0:t0 + n] = seg.steps_view(src, j0, j1, i0, n, shift)
         return out
+
+
+def _pieces(counts: list[int]) -> list[tuple[int, int, int, int]]:
+    """Rectangles ``(j0, j1, i0, n)`` covering the first ``counts[j]`` items of each codebook j.
+
+    Counts never grow with j (later codebooks sit later), so one rectangle covers what every codebook
+    has and only a truncated sequence leaves per-codebook tails.
+    """
+    common = counts[-1]
+    pieces = [(0, len(counts), 0, common)] if common else []
+    pieces += [(j, j + 1, common, n - common) for j, n in enumerate(counts) if n > common]
+    return pieces

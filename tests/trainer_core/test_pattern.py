@@ -210,6 +210,16 @@ def test_revert_logits_shifts_by_the_empty_start_step_as_the_definition_does(spe
 
 
 @settings(max_examples=60, deadline=None)
+@given(pattern_options(), timesteps)
+def test_the_step_table_gives_each_coordinate_the_step_the_definition_gives_it(spec, T):
+    """The table behind the generic gather/scatter, also for layouts that move data by strided copies."""
+    kind, n_q, options = spec
+    where = {(t, q): s for s, step in enumerate(REFERENCES[kind](n_q, T, **options)) for t, q in step if t < T}
+    table = get_pattern(kind, n_q, **options)._step_table(T, torch.device("cpu"))
+    assert table.tolist() == [[where[t, q] for t in range(T)] for q in range(n_q)]
+
+
+@settings(max_examples=60, deadline=None)
 @given(pattern_options(), st.integers(1, 12), seeds, st.booleans())
 def test_build_then_revert_gives_back_the_codes_on_every_filled_position(spec, T, seed, keep_only_valid_steps):
     kind, n_q, options = spec
@@ -337,6 +347,13 @@ def test_non_contiguous_inputs_are_read_correctly(kind):
     assert torch.equal(seq, ref_build(REFERENCES[kind](4, 6), codes.contiguous(), -1)[0])
     back, _ = pattern.revert(seq.transpose(0, 1).contiguous().transpose(0, 1), -1, timesteps=6)
     assert torch.equal(back, codes)
+    padded = torch.full((4, 4, seq.shape[-1] + 3), -5)
+    padded[1:, :, 2:-1] = seq
+    assert torch.equal(pattern.revert(padded[1:, :, 2:-1], -1, timesteps=6)[0], codes)  # offset view
+    logits = random_codes(3, (4, 2, 4, seq.shape[-1]), torch.float32)
+    permuted = logits.permute(3, 1, 2, 0).contiguous().permute(3, 1, 2, 0)
+    want = ref_revert_logits(REFERENCES[kind](4, 6), logits, 0.5, 6)[0]
+    assert torch.equal(pattern.revert_logits(permuted, 0.5, timesteps=6)[0], want)
 
 
 def test_returned_masks_are_fresh_so_editing_one_leaves_later_calls_alone():
