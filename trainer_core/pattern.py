@@ -42,10 +42,13 @@ duration before the next one (group_by=1 shown; it must divide K); S = 1 + K*T::
     . .  .  .  .  b0 b1 b2 b3 .  .  .  .
     . .  .  .  .  .  .  .  .  c0 c1 c2 c3
 
-Every layout puts each coordinate (t, q) on exactly one step, at a step that is a closed form of (t, q);
-so ``build`` is one scatter and ``revert`` one gather over a ``[K, T]`` table of steps built with a
-few tensor ops on the data's own device and kept in a small per-pattern LRU. ``delayed`` and
-``parallel`` move data with per-codebook slice copies instead, which is faster than the gather.
+How it is computed: every layout puts each coordinate (t, q) with t < T on exactly one step, given by
+a closed form of (t, q), so nothing is ever laid out step by step. ``unrolled`` builds the ``[K, T]``
+table of steps with a few tensor ops on the data's own device, then ``build`` is one scatter and
+``revert`` one gather. The other kinds are a few strided runs (one for MusicGen's delays 0..K-1), so
+data and masks move by strided copies, faster than the gather (``bench/patterns.py`` measures it)
+and with no index tensor at all. Masks and tables are kept per (T, device) in a small per-pattern
+LRU; a new T costs a couple of small kernels, and no operation reads a device tensor back to the host.
 """
 
 from __future__ import annotations
@@ -283,7 +286,7 @@ def get_pattern(kind: str, n_q: int, **options: Any) -> Pattern:
 
     Bad kinds, option names and option values raise :class:`PatternError` (a ValueError) naming them.
     """
-    if kind not in _FACTORIES:
+    if not isinstance(kind, str) or kind not in _FACTORIES:
         raise PatternError(
             f"unknown pattern kind {kind!r}{_did_you_mean(str(kind), KINDS)} Known kinds: {', '.join(KINDS)}"
         )

@@ -152,6 +152,15 @@ class Pattern(ABC):
         max_delay = self._max_t_after_first(timesteps) - timesteps
         return len(range(steps)[: steps - max_delay])  # the definition's slice, negative ends included
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickles without the caches (their lock cannot travel), e.g. into DataLoader workers."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_constants")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._cache = _LRU(self.cache_size)
+        self._constants = {}
+
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v!r}" for k, v in self._options().items())
         return f"get_pattern({self.kind!r}, {self.n_q}{', ' if options else ''}{options})"

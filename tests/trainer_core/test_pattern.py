@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from typing import Any
 
 import pytest
@@ -359,7 +360,7 @@ def test_non_contiguous_inputs_are_read_correctly(kind):
 def test_returned_masks_are_fresh_so_editing_one_leaves_later_calls_alone():
     pattern = get_pattern("delayed", 2)
     codes = random_codes(0, (1, 2, 4))
-    first, _ = pattern.build(codes, -1)[1], None
+    _, first = pattern.build(codes, -1)
     first.fill_(False)
     assert bool(pattern.build(codes, -1)[1].any())
     reverted_mask = pattern.revert(pattern.build(codes, -1)[0], -1, timesteps=4)[1]
@@ -373,6 +374,16 @@ def test_the_index_cache_stays_bounded_when_every_batch_has_a_new_length():
         seq, _ = pattern.build(random_codes(T, (1, 3, T)), -1)
         assert torch.equal(pattern.revert(seq, -1, timesteps=T)[0], random_codes(T, (1, 3, T)))
     assert len(pattern._cache) <= pattern.cache_size
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_pattern_pickles_for_dataloader_workers_and_builds_the_same(kind):
+    pattern = get_pattern(kind, 4)
+    codes = random_codes(5, (2, 4, 6))
+    pattern.build(codes, -1)  # fill the caches first
+    copy = pickle.loads(pickle.dumps(pattern))
+    assert repr(copy) == repr(pattern)
+    assert all(map(torch.equal, copy.build(codes, -1), pattern.build(codes, -1)))
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -405,6 +416,8 @@ def test_an_unknown_kind_lists_the_kinds_and_suggests_the_nearest():
         get_pattern("delay", 4)
     with pytest.raises(ValueError, match=r"unknown pattern kind 'xyz'. Known kinds"):
         get_pattern("xyz", 4)
+    with pytest.raises(ValueError, match=r"unknown pattern kind \['delayed'\]"):
+        get_pattern(["delayed"], 4)
 
 
 @pytest.mark.parametrize("n_q", [0, -2, 2.0, True])
