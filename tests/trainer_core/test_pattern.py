@@ -329,6 +329,17 @@ def test_float_logits_keep_their_dtype_and_special_value(kind, dtype):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_gradients_reach_the_logits_as_through_the_reference(kind):
+    pattern, T = get_pattern(kind, 4), 5
+    logits = random_codes(4, (2, 3, 4, pattern.num_steps(T)), torch.float64).requires_grad_()
+    weights = random_codes(5, (2, 3, 4, T), torch.float64)
+    (pattern.revert_logits(logits, 0.0, timesteps=T)[0] * weights).sum().backward()
+    ours, logits.grad = logits.grad, None
+    (ref_revert_logits(REFERENCES[kind](4, T), logits, 0.0, T)[0] * weights).sum().backward()
+    assert torch.equal(ours, logits.grad)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_every_operation_runs_on_the_meta_device_so_nothing_reads_values_back(kind):
     pattern = get_pattern(kind, 4)
     codes = torch.empty(2, 4, 6, dtype=torch.long, device="meta")
