@@ -119,8 +119,8 @@ class PageGuard:
 class Tab:
     """One browser context with one guarded page."""
 
-    def __init__(self, browser: Any, viewport: dict[str, int]) -> None:
-        self.context = browser.new_context(viewport=viewport, device_scale_factor=1)
+    def __init__(self, browser: Any, viewport: dict[str, int], color_scheme: str = "light") -> None:
+        self.context = browser.new_context(viewport=viewport, device_scale_factor=1, color_scheme=color_scheme)
         self.context.set_default_timeout(DEFAULT_TIMEOUT_MS)
         self.page = self.context.new_page()
         self.guard = PageGuard(self.context, self.page)
@@ -131,11 +131,11 @@ class Tab:
 
 @pytest.fixture
 def open_tab(browser: Any) -> Iterator[Any]:
-    """open_tab(url, viewport=DESKTOP) -> Tab, loaded; every tab's guard is checked at teardown."""
+    """open_tab(url, viewport=DESKTOP, color_scheme="light") -> a loaded Tab; guards are checked at teardown."""
     tabs: list[Tab] = []
 
-    def open_(url: str, viewport: dict[str, int] | None = None) -> Tab:
-        tab = Tab(browser, viewport or DESKTOP)
+    def open_(url: str, viewport: dict[str, int] | None = None, color_scheme: str = "light") -> Tab:
+        tab = Tab(browser, viewport or DESKTOP, color_scheme)
         tabs.append(tab)
         tab.page.goto(url, wait_until="load")
         return tab

@@ -6,6 +6,7 @@ import { MetricChart, readTheme, zoomSeries } from "./chart.js";
 import { markerFromEvent } from "./markers.js";
 
 const MAX_HISTORY_POINTS = 2000;
+const HISTORY_CONCURRENCY = 4;
 const NEW_NAME_DELAY_MS = 250;
 // Charts scrolled out of view are redrawn at most this often (they catch up when they scroll in).
 const OFFSCREEN_REDRAW_MS = 1000;
@@ -42,6 +43,24 @@ export function compareMetrics(a, b) {
 
 function compareGroups(a, b) {
   return groupRank(a) - groupRank(b) || (a < b ? -1 : a > b ? 1 : 0);
+}
+
+/** Group order first (train, eval, others), then metric order. */
+export function compareNames(a, b) {
+  return compareGroups(groupOf(a), groupOf(b)) || compareMetrics(a, b);
+}
+
+/** Run `task` over `items` with at most `limit` running at once; rejects with the first error. */
+export async function forEachLimited(items, limit, task) {
+  let next = 0;
+  const worker = async () => {
+    while (next < items.length) {
+      const item = items[next];
+      next += 1;
+      await task(item);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
 }
 
 function titleCase(s) {
@@ -149,10 +168,27 @@ export class ChartBoard {
     this.schedule();
   }
 
+  /**
+   * Fetch every metric's downsampled history. The names come first from an empty step range
+   * (cheap), then each metric is fetched on its own, a few at a time, most important first:
+   * the server reads them in parallel and the loss chart paints without waiting for the rest.
+   */
   async reload() {
-    const history = await this.fetchMetrics({ max_points: this.maxPoints });
-    this.loadHistory(history);
+    const probe = await this.fetchMetrics({ from_step: 0, to_step: 0, max_points: 1 });
+    const names = Object.keys(probe ?? {}).sort(compareNames);
+    for (const name of names) this.ensure(name);
+    const maxPoints = this.maxPoints;
+    await forEachLimited(names, HISTORY_CONCURRENCY, async (name) => {
+      this.loadHistory(await this.fetchMetrics({ names: name, max_points: maxPoints }));
+    });
     if (this.zoom) await this.zoomTo(this.zoom.from, this.zoom.to);
+    await this.nextPaint();
+  }
+
+  /** Resolves once the pending redraws are on screen (the flush runs first in the same frame). */
+  nextPaint() {
+    this.schedule();
+    return new Promise((resolve) => requestAnimationFrame(() => resolve()));
   }
 
   /** A live {"type":"metrics"} message: append now, draw on the next animation frame. */

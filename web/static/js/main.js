@@ -127,8 +127,14 @@ async function loadEvents() {
 
 /** Fetch everything the page shows; after a reconnect this fills what the socket missed. */
 async function loadAll() {
+  const history = board.reload().then(() => {
+    if (document.documentElement.dataset.historyPaintMs === undefined) {
+      performance.mark("traindeck:history-painted");
+      document.documentElement.dataset.historyPaintMs = performance.now().toFixed(0);
+    }
+  });
   const tasks = [
-    ["history", board.reload()],
+    ["history", history],
     ["status", api.status().then(handleStatus)],
     ["events", loadEvents()],
     ["checkpoints", checkpoints.refresh()],
