@@ -2,8 +2,9 @@
 
 Codes have shape ``[B, K, T]`` (K codebooks, T timesteps). A pattern lays them out as an interleaved
 sequence ``[B, K, S]`` that a model predicts one step at a time, and maps sequences and logits back.
-The layouts are exactly those of audiocraft's codebook patterns (MusicGen), as defined in the project's
-``patterns.md``, so sequences built here are interchangeable with models trained there.
+The layouts are exactly those of audiocraft's codebook patterns (MusicGen), so sequences built here
+are interchangeable with models trained there; ``tests/trainer_core/test_pattern.py`` spells out their
+definitions step by step and checks every kind against them.
 
 Drawn for K=3, T=4: codebook rows ``a``, ``b``, ``c``; ``.`` is the special token. Step 0 is the empty
 start step that the model's first prediction comes from.
