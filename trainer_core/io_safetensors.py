@@ -288,7 +288,7 @@ def _entries(header: dict[str, Any], data_bytes: int) -> dict[str, tuple[str, li
 
 
 def _is_ints(value: Any) -> bool:
-    return type(value) is list and all(type(v) is int and v >= 0 for v in value)
+    return type(value) is list and all(type(v) is int for v in value) and min(value, default=0) >= 0
 
 
 def _plain(buffer: mmap.mmap, data_start: int, code: str, shape: list[int], start: int, end: int) -> torch.Tensor:
@@ -317,9 +317,11 @@ class _Rebuilder:
     def _tensor(self, desc: dict[str, Any]) -> torch.Tensor:
         dtype = DTYPE_BY_NAME[desc["dtype"]]
         shape = desc["shape"]
-        stride = desc.get("stride", _contiguous_strides(shape) if _is_ints(shape) else None)
-        if not _is_ints(shape) or not _is_ints(stride) or len(stride) != len(shape):
-            raise ValueError(f"bad shape or stride in {desc!r:.80}")
+        if not _is_ints(shape):
+            raise ValueError(f"bad shape in {desc!r:.80}")
+        stride = desc["stride"] if "stride" in desc else _contiguous_strides(shape)
+        if not _is_ints(stride) or len(stride) != len(shape):
+            raise ValueError(f"bad stride in {desc!r:.80}")
         if desc.get("meta") is True:
             t = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
         else:
@@ -330,15 +332,30 @@ class _Rebuilder:
         return t.requires_grad_(True) if requires_grad else t
 
     def _view(self, desc: dict[str, Any], dtype: torch.dtype, shape: list[int], stride: list[int]) -> torch.Tensor:
-        empty = torch.empty(0, dtype=torch.uint8, device=self.device).view(dtype)
         extent = _extent_bytes(shape, stride, dtype.itemsize)
         if extent == 0:
+            empty = _empty(dtype, self.device)
             return empty.set_(empty.untyped_storage(), 0, shape, stride)
         name, offset = desc["entry"], desc.get("offset", 0)
         _, _, start, end = self.entries[name]
         if type(offset) is not int or offset < 0 or offset % dtype.itemsize or offset + extent > end - start:
             raise ValueError(f"view {desc!r:.80} does not fit inside entry {name!r} of {end - start} bytes")
-        if name not in self.storages:
+        storage = self.storages.get(name)
+        if storage is None:
+            if self.device.type == "cpu" and extent == end - start and "stride" not in desc and dtype in _ST_CODE:
+                whole = torch.frombuffer(self.buffer, dtype=dtype, offset=self.data_start + start,
+                                         count=extent // dtype.itemsize).view(shape)
+                self.storages[name] = whole.untyped_storage()
+                return whole
             data = torch.frombuffer(self.buffer, dtype=torch.uint8, offset=self.data_start + start, count=end - start)
-            self.storages[name] = data.to(self.device).untyped_storage()
-        return empty.set_(self.storages[name], offset // dtype.itemsize, shape, stride)
+            if self.device.type != "cpu":
+                data = data.to(self.device)
+            storage = self.storages[name] = data.untyped_storage()
+        return _empty(dtype, self.device).set_(storage, offset // dtype.itemsize, shape, stride)
+
+
+def _empty(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An empty tensor to ``set_`` storage into; complex32 goes through uint8 as creating it warns."""
+    if dtype == torch.complex32:
+        return torch.empty(0, dtype=torch.uint8, device=device).view(dtype)
+    return torch.empty(0, dtype=dtype, device=device)
