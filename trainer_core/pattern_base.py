@@ -1,9 +1,10 @@
 """The machinery shared by every codebook pattern: validation, caches, build and revert.
 
 A concrete pattern (see ``trainer_core.pattern``) only states its layout in closed form: how many steps
-T timesteps take, which step each coordinate (t, q) lands on (as a ``[K, T]`` tensor), whether step 0
-is empty, and the largest timestep after step 0. Everything else — moving data, masks, the one-step
-shift of ``revert_logits``, ``keep_only_valid_steps`` — is derived here, identically for all kinds.
+T timesteps take, which step each coordinate (t, q) lands on (a ``[K, T]`` tensor for :class:`Pattern`,
+a few strided runs for :class:`SlicedPattern`), whether step 0 is empty, and the largest timestep after
+step 0. Everything else — moving data, masks, the one-step shift of ``revert_logits``,
+``keep_only_valid_steps`` — is derived here, identically for all kinds.
 """
 
 from __future__ import annotations
