@@ -33,10 +33,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from trainer_core import store_blocks
+
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS metrics(step INTEGER, name TEXT, value REAL, time REAL, "
     "PRIMARY KEY (name, step)) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS events(id INTEGER PRIMARY KEY, time REAL, step INTEGER, kind TEXT, data TEXT)",
+    store_blocks.SCHEMA,
 )
 INSERT_METRIC = "INSERT OR REPLACE INTO metrics(step, name, value, time) VALUES (?, ?, ?, ?)"
 INSERT_EVENT = "INSERT OR REPLACE INTO events(id, time, step, kind, data) VALUES (?, ?, ?, ?, ?)"
@@ -92,8 +95,11 @@ class MetricsStore:
                                          check_same_thread=False)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
+            summarised = store_blocks.present(self._conn)
             for statement in SCHEMA:
                 self._conn.execute(statement)
+            if not summarised:
+                store_blocks.rebuild(self._conn)
             (max_id,) = self._conn.execute("SELECT MAX(id) FROM events").fetchone()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open metrics store {self.path}: {exc}") from exc
@@ -231,9 +237,12 @@ class MetricsStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             if truncate is not None:
-                conn.execute("DELETE FROM metrics WHERE step > ?", (truncate,))
+                names = [name for (name,) in conn.execute(_NAMES_QUERY)]
+                conn.executemany("DELETE FROM metrics WHERE name = ? AND step > ?", [(n, truncate) for n in names])
+                store_blocks.truncate(conn, names, truncate)
             if metrics:
                 conn.executemany(INSERT_METRIC, metrics)
+                store_blocks.refresh(conn, ((name, step) for step, name, _, _ in metrics))
             if events:
                 conn.executemany(INSERT_EVENT, events)
         except BaseException:
@@ -330,22 +339,10 @@ def _int_arg(name: str, value: Any, low: int | None, high: int | None) -> int:
 
 _FIRST_ROWS = "SELECT step, value FROM metrics WHERE name = ? AND step BETWEEN ? AND ? ORDER BY step LIMIT ?"
 _LAST_STEP = "SELECT step FROM metrics WHERE name = ? AND step BETWEEN ? AND ? ORDER BY step DESC LIMIT 1"
-# One pass over the key range, bucket by bucket in step order: the outer loop walks the bucket
-# table by its primary key, so SQLite groups without sorting a million rows (GROUP BY on a
-# computed bucket number would sort them all, about 3x slower). The last step of each bucket
-# is unique (the table's key), so its value comes from one key lookup.
-_BUCKETS = """
-SELECT g.last, m.value, g.low, g.high
-FROM (SELECT b.i AS i, MAX(r.step) AS last, MIN(r.value) AS low, MAX(r.value) AS high
-      FROM temp.buckets AS b JOIN metrics AS r ON r.name = :name AND r.step BETWEEN b.lo AND b.hi
-      GROUP BY b.i) AS g
-JOIN metrics AS m ON m.name = :name AND m.step = g.last
-ORDER BY g.i
-"""
 _STEP_MIN = -(2**63)
 _STEP_MAX = 2**63 - 1
 
-Series = dict[str, list[Any]]
+Series = store_blocks.Series
 
 
 def query_metrics(path: str | Path, names: str | Iterable[str], max_points: int = 2000,
@@ -371,9 +368,10 @@ def query_metrics(path: str | Path, names: str | Iterable[str], max_points: int 
     try:
         conn.execute("PRAGMA temp_store = MEMORY")
         conn.execute("BEGIN")  # one snapshot for every name, and one transaction for the bucket table
-        conn.execute("CREATE TEMP TABLE buckets(i INTEGER PRIMARY KEY, lo INTEGER, hi INTEGER)")
+        conn.execute(store_blocks.BUCKETS_TABLE)
+        use_blocks = store_blocks.present(conn)
         for name in wanted:
-            result[name] = _query_one(conn, name, max_points, low, high)
+            result[name] = _query_one(conn, name, max_points, low, high, use_blocks)
         conn.execute("ROLLBACK")
     except sqlite3.OperationalError as exc:
         if "no such table" not in str(exc):
@@ -385,25 +383,14 @@ def query_metrics(path: str | Path, names: str | Iterable[str], max_points: int 
     return result
 
 
-def _query_one(conn: sqlite3.Connection, name: str, max_points: int, low: int, high: int) -> Series:
+def _query_one(conn: sqlite3.Connection, name: str, max_points: int, low: int, high: int,
+               use_blocks: bool) -> Series:
     rows = conn.execute(_FIRST_ROWS, (name, low, high, max_points + 1)).fetchall()
     if len(rows) <= max_points:
         values = [value for _, value in rows]
         return {"step": [step for step, _ in rows], "value": values, "min": list(values), "max": list(values)}
-    lo = rows[0][0]
-    (hi,) = conn.execute(_LAST_STEP, (name, lo, high)).fetchone()
-    width = hi - lo + 1
-    starts = [lo + (i * width + max_points - 1) // max_points for i in range(max_points + 1)]
-    conn.execute("DELETE FROM temp.buckets")
-    conn.executemany("INSERT INTO temp.buckets(i, lo, hi) VALUES (?, ?, ?)",
-                     ((i, starts[i], starts[i + 1] - 1) for i in range(max_points) if starts[i] < starts[i + 1]))
-    series = _series()
-    for step, value, low_value, high_value in conn.execute(_BUCKETS, {"name": name}):
-        series["step"].append(step)
-        series["value"].append(value)
-        series["min"].append(low_value)
-        series["max"].append(high_value)
-    return series
+    (hi,) = conn.execute(_LAST_STEP, (name, rows[0][0], high)).fetchone()
+    return store_blocks.downsample(conn, name, rows[0][0], hi, max_points, use_blocks)
 
 
 def _series() -> Series:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import random
 import sqlite3
 import threading
 from pathlib import Path
@@ -270,6 +271,52 @@ def test_downsampling_keeps_last_min_and_max_of_every_bucket_exactly(
     got = query_metrics(path, ["m"], max_points=max_points, from_step=low, to_step=high)["m"]
     assert got == _reference(stored, max_points, low, high)
     assert len(got["step"]) <= max_points
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    start=st.integers(-500, 500), stride=st.integers(1, 9), count=st.integers(1, 1500), seed=st.integers(0, 2**32),
+    max_points=st.integers(1, 60), window=st.none() | st.tuples(st.integers(-600, 9000), st.integers(0, 9000)),
+)
+def test_downsampling_stays_exact_after_rows_are_replaced_and_truncated(
+        tmp_path_factory: pytest.TempPathFactory, start: int, stride: int, count: int, seed: int,
+        max_points: int, window: tuple[int, int] | None) -> None:
+    rng = random.Random(seed)
+    path = tmp_path_factory.mktemp("blocks") / "metrics.sqlite"
+    steps = list(range(start, start + count * stride, stride))
+    expected: dict[int, float | None] = {}
+    with MetricsStore(path, batch_rows=rng.choice([50, 5000])) as writer:
+        for step in steps:
+            expected[step] = rng.choice([rng.gauss(0, 1), rng.gauss(0, 1), None])
+            writer.log_metrics(step, {"m": math.nan if expected[step] is None else expected[step]})
+        writer.flush()
+        for step in rng.sample(steps, min(len(steps), 20)):  # a resumed run logging a step again
+            expected[step] = rng.uniform(-10, 10)
+            writer.log_metrics(step, {"m": expected[step]})
+        cut = rng.choice(steps)
+        writer.truncate_after(cut)
+        expected = {s: v for s, v in expected.items() if s <= cut}
+        for step in sorted(rng.sample(range(cut + 1, cut + 3000), rng.randrange(0, 60))):  # gaps over old blocks
+            expected[step] = rng.uniform(-5, 5)
+            writer.log_metrics(step, {"m": expected[step]})
+    low, high = (None, None) if window is None else (window[0], window[0] + window[1])
+    got = query_metrics(path, "m", max_points=max_points, from_step=low, to_step=high)["m"]
+    assert got == _reference(expected, max_points, low, high)
+
+
+def test_a_store_made_without_the_block_summary_is_read_and_then_summarised(db: Path) -> None:
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE metrics(step INTEGER, name TEXT, value REAL, time REAL)")
+    points = {step: math.sin(step / 37.0) * step for step in range(-1000, 3000, 3)}
+    conn.executemany("INSERT INTO metrics VALUES (?, 'm', ?, 0)", points.items())
+    conn.commit()
+    conn.close()
+    expected = {n: _reference(points, n, None, None) for n in (3, 50)}
+    assert {n: query_metrics(db, "m", max_points=n)["m"] for n in (3, 50)} == expected
+    MetricsStore(db).close()  # the writer adds the summary from the rows already there
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM metric_blocks").fetchone()[0] > 0
+    assert {n: query_metrics(db, "m", max_points=n)["m"] for n in (3, 50)} == expected
+    assert query_metrics(db, "m", max_points=2, from_step=-900, to_step=10)["m"] == _reference(points, 2, -900, 10)
 
 
 def test_ranges_select_the_steps_between_from_and_to_inclusive(db: Path) -> None:
