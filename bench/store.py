@@ -6,7 +6,8 @@ Baselines, measured in the same run on the same file:
   SQLite directly does), against ``MetricsStore.log_metrics`` (queue, background batches);
 * querying: ``SELECT`` every row of the metric and downsample in Python (same buckets, same
   last/min/max), against ``query_metrics``; also SQLite's ``GROUP BY`` on a computed bucket number,
-  the obvious all-SQL query, which must sort every row.
+  the obvious all-SQL query, which must sort every row; and ``query_metrics`` on a copy of the
+  store without its block summary (one pass over every row).
 
 Usage: ``python bench/store.py [--points 1000000] [--repeat 5]``
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import shutil
 import sqlite3
 import statistics
 import tempfile
@@ -147,6 +149,14 @@ def main() -> None:
         print(f"full range, {m} points of {args.points:,}: query_metrics {t_ours * 1e3:.0f} ms; "
               f"select-all+Python {t_naive * 1e3:.0f} ms -> {t_naive / t_ours:.1f}x faster; "
               f"SQL GROUP BY {t_group * 1e3:.0f} ms -> {t_group / t_ours:.1f}x faster")
+
+        bare = Path(tmp) / "bare.sqlite"
+        shutil.copy(path, bare)
+        with sqlite3.connect(bare) as conn:
+            conn.execute("DROP TABLE metric_blocks")
+        assert query_metrics(bare, [name], max_points=m)[name] == ours
+        t_bare = median_time(lambda: query_metrics(bare, [name], max_points=m), args.repeat)
+        print(f"  same query without the block summary: {t_bare * 1e3:.0f} ms -> {t_bare / t_ours:.1f}x")
 
         both = median_time(lambda: query_metrics(path, list(NAMES), max_points=m), args.repeat)
         print(f"two metrics, full range: {both * 1e3:.0f} ms")

@@ -8,7 +8,8 @@ The schema is public (users open it with ``sqlite3`` or pandas)::
 ``metrics`` is clustered on ``(name, step)``: that key is the index every read goes through, it
 keeps one row per metric per step (logging a step again replaces the row, which is what a resumed
 run wants), and a range scan reads values without a second lookup, so the file is about half the
-size of a rowid table plus a covering index.
+size of a rowid table plus a covering index. A third table, ``metric_blocks``, is a summary derived
+from ``metrics`` (see :mod:`trainer_core.store_blocks`) that keeps downsampled queries fast.
 
 NaN cannot be stored in a SQLite REAL (SQLite turns it into NULL), so a NaN is stored as NULL and
 every reader here returns it as ``None`` (JSON ``null``); ``inf``/``-inf`` are stored and returned
