@@ -71,6 +71,17 @@ def test_every_batch_respects_both_limits_unless_it_is_one_oversized_item(
             assert longest * len(batch) <= max_tokens
 
 
+@pytest.mark.parametrize(("max_tokens", "max_batch_size"), [(50, 0), (1000, 0), (1000, 7), (0, 33), (3.7, 0)])
+def test_thousands_of_mixed_lengths_batch_like_the_greedy_loop(max_tokens: float, max_batch_size: int) -> None:
+    generator = torch.Generator().manual_seed(int(max_tokens * 10) + max_batch_size)
+    lengths = (torch.rand(4000, generator=generator, dtype=torch.float64) ** 3 * 60).tolist()
+    lengths[::50] = [0.0] * len(lengths[::50])
+    lengths[1::97] = [-0.0] * len(lengths[1::97])
+    for drop_last in (False, True):
+        got = batches_of(lengths, max_tokens=max_tokens, max_batch_size=max_batch_size, drop_last=drop_last)
+        assert got == greedy_reference(lengths, max_tokens, max_batch_size, drop_last)
+
+
 def test_runs_of_equal_capacity_are_cut_every_capacity_items() -> None:
     lengths = [10] * 10 + [20] * 7 + [50] * 3
     batches = batches_of(lengths, max_tokens=40, max_batch_size=0, drop_last=False)
