@@ -70,6 +70,30 @@ def _metric_rows(step: int, values: Mapping[str, Any], now: float) -> list[Metri
         raise ValueError(f"metric values at step {step} must be numbers, got {bad!r}") from None
 
 
+def _event_json(kind: str, data: Mapping[str, Any] | None) -> tuple[dict[str, Any], str]:
+    """The event's data and its JSON text; NaN/inf become null, since strict JSON has neither."""
+    if data is not None and not isinstance(data, Mapping):
+        raise ValueError(f"event {kind!r}: data must be a mapping, got {type(data).__name__}")
+    payload = dict(data or {})
+    try:
+        return payload, json.dumps(payload, allow_nan=False)
+    except ValueError:
+        payload = _finite_json(payload)
+        return payload, json.dumps(payload, allow_nan=False)
+    except TypeError as exc:
+        raise ValueError(f"event {kind!r}: data is not JSON-serialisable ({exc})") from None
+
+
+def _finite_json(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: _finite_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_json(item) for item in value]
+    return value
+
+
 def _is_number(value: Any) -> bool:
     try:
         float(value)
@@ -139,8 +163,7 @@ class MetricsStore:
         if not isinstance(kind, str) or not kind:
             raise ValueError(f"event kind must be a non-empty string, got {kind!r}")
         step = operator.index(step)
-        payload = dict(data or {})
-        text = json.dumps(payload)
+        payload, text = _event_json(kind, data)
         now = _time.time()
         with self._lock:
             self._check_open()

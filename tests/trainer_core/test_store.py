@@ -54,6 +54,19 @@ def test_events_round_trip_with_ids_assigned_at_once(db: Path) -> None:
     assert json.loads(raw)["line"] == "save"
 
 
+def test_event_data_is_strict_json_with_non_finite_numbers_as_null(db: Path) -> None:
+    with MetricsStore(db) as writer:
+        row = writer.log_event("eval", 5, {"metrics": {"loss": float("nan"), "ppl": float("inf"), "acc": 0.5}})
+        with pytest.raises(ValueError, match=r"'eval'.*not JSON"):
+            writer.log_event("eval", 5, {"metrics": object()})
+        with pytest.raises(ValueError, match="mapping"):
+            writer.log_event("eval", 5, [1, 2])  # type: ignore[arg-type]
+    assert row["data"] == {"metrics": {"loss": None, "ppl": None, "acc": 0.5}}
+    raw = sqlite3.connect(db).execute("SELECT data FROM events").fetchone()[0]
+    assert json.loads(raw, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}")) == row["data"]
+    assert store.query_events(db) == [row]
+
+
 def test_event_ids_continue_when_a_resumed_run_reopens_the_file(db: Path) -> None:
     with MetricsStore(db) as writer:
         for step in range(3):
