@@ -28,6 +28,10 @@ SERVER_FILE = "server.json"
 GRACEFUL_SHUTDOWN_S = 3.0
 STDIN_CHUNK = 4096
 BACKGROUND_RECHECK_S = 1.0
+# Accepted sockets inherit this from the listener (and lose kernel autotuning up to 4 MiB): a
+# client that stops reading is noticed after a few hundred KiB rather than megabytes, which
+# bounds the kernel memory it can hold. Plenty for a dashboard, even through an SSH tunnel.
+SEND_BUFFER_BYTES = 128 * 1024
 
 
 class ListenError(OSError):
@@ -40,6 +44,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         sock.bind(address)
         sock.listen(2048)
     except OSError as exc:

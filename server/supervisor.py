@@ -150,6 +150,14 @@ class Supervisor:
                          daemon=True).start()
         self._publish_status()
 
+    async def restart(self) -> None:
+        """Start again with resume; a trainer that already ended its loop is given time to exit."""
+        if self.state in ALIVE_STATES:
+            raise NotRunning(f"the trainer is {self.state} (pid {self.pid}); quit it first")
+        if self.alive and not await self.wait_exit(self.quit_timeout_s):
+            raise NotRunning(f"the trainer (pid {self.pid}) has not exited yet")
+        self.start(resume=True)
+
     def request_quit(self) -> bool:
         """Ask the trainer to save (if configured) and exit; False when there is none to ask."""
         return self._link is not None and self.alive and self._link.send_quit()

@@ -111,7 +111,7 @@ async def restart(ctx: Ctx) -> Any:
     if ctx.supervisor is None:
         return JSONResponse({"detail": "read-only view: this server does not drive a trainer"}, status_code=409)
     try:
-        ctx.supervisor.start(resume=True)
+        await ctx.supervisor.restart()
     except NotRunning as exc:
         return JSONResponse({"detail": str(exc)}, status_code=409)
     return {"state": ctx.supervisor.state, "pid": ctx.supervisor.pid}

@@ -7,7 +7,9 @@ fate (kill, quit, signals) start their own.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -26,9 +28,21 @@ from websockets.sync.client import ClientConnection, connect
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120.0
+PR_SET_PDEATHSIG = 1
 DASHBOARD_RE = re.compile(r"Dashboard: (http://([^/]+))/\?token=(\S+)")
 TINY = ["--set", "trainer.iterations=1000000", "--set", "trainer.save_frequency=0", "--set", "trainer.eval_frequency=0",
-        "--set", "trainer.status_every_s=0.2"]
+        "--set", "trainer.status_every_s=0.2", "--set", "recipe.items=512", "--set", "recipe.eval_items=16"]
+
+
+# One intra-op thread: the demo model is tiny, and on a small shared machine several processes
+# spinning two OpenMP threads each slow every step down by orders of magnitude.
+TEST_ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def die_with_parent() -> None:
+    """In the child before exec: SIGTERM it if the test process dies (no server outlives a killed run)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -50,7 +64,7 @@ class Served:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", *args],
             cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+            start_new_session=True, env={**os.environ, **TEST_ENV}, preexec_fn=die_with_parent,
         )
         self.stdout: list[str] = []
         self.stderr: list[str] = []
@@ -97,6 +111,11 @@ class Served:
     def wait_state(self, states: set[str] | str, timeout: float = 60) -> dict[str, Any]:
         wanted = {states} if isinstance(states, str) else states
         return wait_until(lambda: (s := self.status())["state"] in wanted and s, timeout, f"state in {wanted}")
+
+    def wait_ended(self, state: str, timeout: float = 90) -> dict[str, Any]:
+        """``state`` reached and the trainer process gone (its exit code known)."""
+        return wait_until(lambda: (s := self.status())["state"] == state and s["exit_code"] is not None and s,
+                          timeout, f"the trainer to end as {state}")
 
     def wait_step(self, step: int, timeout: float = 90) -> dict[str, Any]:
         return wait_until(lambda: (s := self.status())["step"] >= step and s, timeout, f"step {step}")
@@ -176,6 +195,74 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         server.wait_step(3)
         assert server.command("pause").status_code == 200
         server.wait_state("paused")
+        yield server
+    finally:
+        server.close()
+
+
+class InProcessServer:
+    """The real app under a real uvicorn on a free loopback port, in a thread of this process.
+
+    For tests that need a message rate no trainer on a shared test machine can be relied on
+    to produce: they publish straight into the hub with :meth:`publish`.
+    """
+
+    def __init__(self, run_dir: Path, **settings: Any) -> None:
+        from server.app import create_app
+        from server.serve import Server, bind_socket, uvicorn_config
+        from server.settings import ServerSettings
+
+        self.sock = bind_socket("127.0.0.1", 0)
+        self.port = self.sock.getsockname()[1]
+        self.settings = ServerSettings(token="test-token", run_dir=run_dir, port=self.port, read_only=True,
+                                       run_name="inprocess", version="test", **settings)
+        self.app = create_app(self.settings)
+        self.server = Server(uvicorn_config(self.app, self.settings), on_stop=lambda: None, on_abort=lambda: None)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="inprocess-uvicorn", daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started, 30, "uvicorn to start")
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.hostport = f"127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
+        self.token = self.settings.token
+
+    def _run(self) -> None:
+        self.loop.run_until_complete(self.server.serve(sockets=[self.sock]))
+        self.loop.close()
+
+    @property
+    def hub(self) -> Any:
+        return self.app.state.ctx.hub
+
+    def publish(self, messages: list[dict[str, Any]]) -> None:
+        def fan_out() -> None:
+            for message in messages:
+                self.hub.broadcast(message)
+
+        self.loop.call_soon_threadsafe(fan_out)
+
+    def on_loop(self, fn: Callable[[], Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(_call(fn), self.loop).result(30)
+
+    def ws(self, **kwargs: Any) -> ClientConnection:
+        kwargs.setdefault("open_timeout", 30)
+        return connect(self.ws_url, additional_headers={"Authorization": f"Bearer {self.token}"}, **kwargs)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
+async def _call(fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
+@pytest.fixture
+def inprocess(tmp_path: Path) -> Iterator[InProcessServer]:
+    server = InProcessServer(tmp_path)
+    try:
         yield server
     finally:
         server.close()

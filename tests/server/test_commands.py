@@ -31,6 +31,9 @@ COMMANDS: list[tuple[str, dict[str, Any] | None, dict[str, Any]]] = [
 
 
 def check_result(name: str, result: dict[str, Any]) -> None:
+    if name == "loss_scale":  # the demo trains in fp32 on the CPU: a clear refusal is the right answer
+        assert result["ok"] is False and "fp16" in result["message"]
+        return
     assert result["ok"] is True, result
     assert result["command"].split()[0] == name
     data, message = result["data"], result["message"]
@@ -49,7 +52,7 @@ def check_result(name: str, result: dict[str, Any]) -> None:
 @pytest.mark.parametrize(("name", "body", "_ws"), COMMANDS, ids=[c[0] for c in COMMANDS])
 def test_rest_command_answers_with_the_trainers_result(served: Served, name: str, body: Any, _ws: Any) -> None:
     response = served.command(name, body)
-    assert response.status_code == 200, response.text
+    assert response.status_code == (422 if name == "loss_scale" else 200), response.text
     check_result(name, response.json())
 
 

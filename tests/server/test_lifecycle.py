@@ -90,8 +90,7 @@ def test_quit_over_rest_saves_and_stops(life: Served) -> None:
     checkpoints_before = len(events_of(life, "checkpoint"))
     response = life.command("quit")
     assert response.status_code == 200 and response.json()["ok"] is True
-    status = life.wait_state("stopped")
-    assert status["exit_code"] == 0
+    assert life.wait_ended("stopped")["exit_code"] == 0
     assert len(events_of(life, "checkpoint")) == checkpoints_before + 1
     assert events_of(life, "finish")[-1]["data"]["reason"] == "quit"
 
@@ -105,7 +104,7 @@ def test_eval_quit_over_the_websocket_stops_after_evaluating(life: Served) -> No
         result = wait_until(lambda: (m := json.loads(ws.recv(timeout=60)))["type"] == "result" and m, 90,
                             "the eval_quit result")
     assert result["ok"] is True and result["data"]["metrics"]
-    assert life.wait_state("stopped")["exit_code"] == 0
+    assert life.wait_ended("stopped")["exit_code"] == 0
 
 
 def test_server_sigterm_makes_the_trainer_save_and_leaves_no_orphan(life: Served) -> None:
