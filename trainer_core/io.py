@@ -108,8 +108,10 @@ def atomic_open(path: str | os.PathLike[str], *, fsync: bool = True, mode: int =
             if fsync:
                 os.fsync(f.fileno())
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk says ENOSPC, not which file
+            raise OSError(e.errno, e.strerror, str(final)) from e
         raise
     if fsync:
         _fsync_dir(final.parent)
@@ -135,14 +137,15 @@ def remove_stale_temp_files(folder: str | os.PathLike[str], *, max_age_s: float 
     when it is older than that (for a writer on another machine sharing the folder).
     """
     removed = []
-    for entry in os.scandir(folder):
-        match = _TEMP_NAME.match(entry.name)
-        if match is None or not entry.is_file(follow_symlinks=False):
-            continue
-        too_old = max_age_s is not None and _age_s(entry) > max_age_s
-        if too_old or not _pid_alive(int(match["pid"])):
-            Path(entry.path).unlink(missing_ok=True)
-            removed.append(Path(entry.path))
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            match = _TEMP_NAME.match(entry.name)
+            if match is None or not entry.is_file(follow_symlinks=False):
+                continue
+            too_old = max_age_s is not None and _age_s(entry) > max_age_s
+            if too_old or not _pid_alive(int(match["pid"])):
+                Path(entry.path).unlink(missing_ok=True)
+                removed.append(Path(entry.path))
     return removed
 
 
@@ -153,13 +156,11 @@ def _age_s(entry: os.DirEntry[str]) -> float:
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
     return True
-
-
 
 
 # --------------------------------------------------------------------------- save / load
