@@ -107,6 +107,28 @@ def test_tied_tensors_and_views_come_back_sharing_one_storage(tmp_path: Path, su
     assert got["rows"][1, 3] == -1.0 and got["transposed"][3, 2] == -1.0 and got["scalar"] == -1.0
 
 
+VIEWS = {
+    "whole": lambda t: t, "transposed": lambda t: t.T, "row": lambda t: t[-1], "column": lambda t: t[:, 0],
+    "strided": lambda t: t[::2, 1::2], "flat_tail": lambda t: t.reshape(-1)[3:], "element": lambda t: t[0, -1],
+    "broadcast": lambda t: t[:1].expand(3, -1), "empty": lambda t: t[:0],
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(dtype=st.sampled_from(TENSOR_DTYPES), rows=st.integers(2, 5), cols=st.integers(2, 5),
+       picks=st.lists(st.sampled_from(sorted(VIEWS)), min_size=1, max_size=5))
+def test_any_set_of_views_of_one_tensor_comes_back_as_views_of_one_storage(
+        tmp_path_factory: pytest.TempPathFactory, dtype: torch.dtype, rows: int, cols: int, picks: list[str]) -> None:
+    base = random_tensor(dtype, (rows, cols), seed=rows * cols)
+    views = [VIEWS[name](base) for name in picks]
+    folder = tmp_path_factory.mktemp("views")
+    for suffix in SUFFIXES:
+        got = round_trip(views, folder, suffix)
+        assert_same(got, views)
+        nonempty = [v for v in got if v.numel()]
+        assert all(same_storage(nonempty[0], v) for v in nonempty)
+
+
 @pytest.mark.parametrize("suffix", SUFFIXES)
 def test_unrelated_tensors_do_not_come_back_sharing(tmp_path: Path, suffix: str) -> None:
     got = round_trip({"a": torch.ones(3), "b": torch.ones(3)}, tmp_path, suffix)
