@@ -5,12 +5,12 @@ from __future__ import annotations
 import io
 import os
 import pty
+import select
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -148,25 +148,27 @@ def test_lines_waiting_at_start_are_seen_by_the_first_poll() -> None:
 
 def test_a_terminal_gets_a_progress_bar(tmp_path: Path) -> None:
     primary, secondary = pty.openpty()
-    chunks: list[bytes] = []
-
-    def drain() -> None:
-        while True:
-            try:
-                data = os.read(primary, 4096)
-            except OSError:
-                return
-            if not data:
-                return
-            chunks.append(data)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    proc = subprocess.run(traindeck(tmp_path / "run", "trainer.iterations=8"), stdin=subprocess.DEVNULL,
-                          stdout=secondary, stderr=subprocess.PIPE, cwd=ROOT, timeout=120)
+    proc = subprocess.Popen(traindeck(tmp_path / "run", "trainer.iterations=8"), stdin=subprocess.DEVNULL,
+                            stdout=secondary, stderr=subprocess.DEVNULL, cwd=ROOT)
     os.close(secondary)
-    reader.join(timeout=5)
-    os.close(primary)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([primary], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(primary, 4096)
+                except OSError:
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        os.close(primary)
     text = b"".join(chunks).decode(errors="replace")
-    assert proc.returncode == 0
     assert "\r[" in text and "steps/s" in text and "ETA" in text
