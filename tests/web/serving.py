@@ -49,9 +49,9 @@ def traindeck_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "server.cli"]
 
 
-def serve_args(run_dir: Path, *, port: int = 0, token: str | None = None, resume: bool = False,
-               settings: tuple[str, ...] = DEMO_SETTINGS) -> list[str]:
-    args = ["serve", "demo", "--port", str(port), "--run-dir", str(run_dir)]
+def serve_args(run_dir: Path, *, recipe: str = "demo", port: int = 0, token: str | None = None,
+               resume: bool = False, settings: tuple[str, ...] = DEMO_SETTINGS) -> list[str]:
+    args = ["serve", recipe, "--port", str(port), "--run-dir", str(run_dir)]
     if token:
         args += ["--token", token]
     if resume:
@@ -115,9 +115,9 @@ class Server:
             self.proc.stdout.close()
 
 
-def start(args: list[str], timeout: float = START_TIMEOUT_S) -> Server:
+def start(args: list[str], timeout: float = START_TIMEOUT_S, env: dict[str, str] | None = None) -> Server:
     """Start `traindeck ARGS` and wait (bounded) for its Dashboard line."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.Popen(
         [*traindeck_command(), *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True,

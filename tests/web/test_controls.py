@@ -70,9 +70,8 @@ def test_lr_change_shows_on_the_lr_chart_as_a_marker_and_a_new_value(page: Any) 
     expect(lr_chart.get_by_role("img", name=re.compile(r"step \d+: lr → 5e-4"))).not_to_have_count(0)
     expect(page.locator("#status-lr")).to_have_text("5e-4", timeout=RESULT_TIMEOUT_MS)
     page.wait_for_function(
-        "Math.abs(Number(document.querySelector(\"figure[data-metric='train/lr']\").dataset.lastValue) - 5e-4) < 1e-9",
-        timeout=RESULT_TIMEOUT_MS,
-    )
+        "Math.abs(Number(document.querySelector('figure.chart[data-metric=\"train/lr\"]')?.dataset.lastValue) - 5e-4)"
+        " < 1e-9", timeout=RESULT_TIMEOUT_MS)
 
 
 def test_an_invalid_lr_is_refused_in_the_page(page: Any) -> None:

@@ -9,16 +9,16 @@ from playwright.sync_api import expect
 
 from tests.web import serving
 from tests.web.conftest import DESKTOP, PHONE
+from tests.web.dashboard_page import wait_for_last_step
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-WAIT_FOR_POINTS = "Number(document.querySelector(\"figure[data-metric='train/loss']\")?.dataset.lastStep) > 10"
 
 
 def test_phone_viewport_renders_one_column_without_horizontal_scroll(open_tab: Any, shared_server: serving.Server,
                                                                       artifacts: Any) -> None:
     page = open_tab(shared_server.url, PHONE).page
-    page.wait_for_function(WAIT_FOR_POINTS, timeout=30_000)
+    wait_for_last_step(page, "train/loss", 10)
     widths = page.evaluate("[document.documentElement.scrollWidth, document.body.scrollWidth, window.innerWidth]")
     assert widths[0] <= widths[2] and widths[1] <= widths[2], widths
     lefts = page.eval_on_selector_all("figure.chart", "els => els.map(e => Math.round(e.getBoundingClientRect().left))")
@@ -31,7 +31,7 @@ def test_phone_viewport_renders_one_column_without_horizontal_scroll(open_tab: A
 
 def test_desktop_viewport_puts_charts_side_by_side(open_tab: Any, shared_server: serving.Server) -> None:
     page = open_tab(shared_server.url, DESKTOP).page
-    page.wait_for_function(WAIT_FOR_POINTS, timeout=30_000)
+    wait_for_last_step(page, "train/loss", 10)
     lefts = page.eval_on_selector_all("figure.chart", "els => els.map(e => Math.round(e.getBoundingClientRect().left))")
     assert len(set(lefts)) >= 2, lefts
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")

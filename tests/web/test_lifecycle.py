@@ -1,46 +1,87 @@
-"""Stopping and starting: quit with confirmation, restart, and a page that outlives its server.
+"""Trouble and recovery: quit and restart, non-finite losses, a crash, a server restart.
 
-These tests stop the trainer or the server, so they use their own server, not the shared one.
+These tests stop or break the trainer, so they share their own server (running the demo with
+switchable faults, see faulty_recipe.py) rather than the suite's shared one. Each test starts
+from a running trainer and leaves one running.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.sync_api import expect
 
-from tests.web import serving
+from tests.web import faulty_recipe, serving
+from tests.web.dashboard_page import last_step, wait_for_last_step
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 LONG_MS = 60_000
+RECIPE = f"{Path(faulty_recipe.__file__).relative_to(serving.ROOT)}:build"
+
+
+@dataclass
+class Faulty:
+    """A run directory, its fault flags folder, and the server currently serving it."""
+
+    run_dir: Path
+    faults: Path
+    server: serving.Server | None = None
+
+    @property
+    def live(self) -> serving.Server:
+        assert self.server is not None, "the server was not started"
+        return self.server
+
+    def start(self, **options: Any) -> serving.Server:
+        args = serving.serve_args(self.run_dir, recipe=RECIPE, **options)
+        self.server = serving.start(args, env={faulty_recipe.FAULTS_ENV: str(self.faults)})
+        return self.server
 
 
 @pytest.fixture(scope="module")
-def own_server(tmp_path_factory: pytest.TempPathFactory, browser: Any) -> Iterator[tuple[serving.Server, Path]]:
-    run_dir = tmp_path_factory.mktemp("lifecycle") / "run"
-    server = serving.start(serving.serve_args(run_dir))
+def faulty(tmp_path_factory: pytest.TempPathFactory, browser: Any) -> Iterator[Faulty]:
+    base = tmp_path_factory.mktemp("lifecycle")
+    run = Faulty(run_dir=base / "run", faults=base / "faults")
+    run.faults.mkdir()
+    run.start()
     try:
-        server.wait_for_state("running")
-        yield server, run_dir
+        run.live.wait_for_state("running")
+        yield run
     finally:
-        server.stop()
+        if run.server is not None:
+            run.server.stop()
+
+
+@pytest.fixture
+def tab(open_tab: Any, faulty: Faulty) -> Any:
+    faulty.live.wait_for_state("running")
+    tab = open_tab(faulty.live.url)
+    expect(state_badge(tab.page)).to_have_text("running")
+    return tab
+
+
+@pytest.fixture
+def page(tab: Any) -> Any:
+    return tab.page
 
 
 def state_badge(page: Any) -> Any:
     return page.get_by_role("status", name="Trainer state")
 
 
-def test_quit_asks_for_confirmation_and_restart_starts_the_trainer_again(
-        open_tab: Any, own_server: tuple[serving.Server, Path]) -> None:
-    server, _ = own_server
-    page = open_tab(server.url).page
-    expect(state_badge(page)).to_have_text("running")
+def in_viewport(page: Any, locator: Any) -> bool:
+    box = locator.bounding_box()
+    viewport = page.viewport_size
+    return box is not None and box["y"] >= 0 and box["y"] + box["height"] <= viewport["height"]
 
+
+def test_quit_asks_for_confirmation_and_restart_starts_the_trainer_again(page: Any) -> None:
     page.get_by_role("button", name="Quit", exact=True).click()
     dialog = page.get_by_role("dialog", name="Quit training?")
     expect(dialog).to_be_visible()
@@ -61,33 +102,62 @@ def test_quit_asks_for_confirmation_and_restart_starts_the_trainer_again(
     expect(page.get_by_role("log", name="Event log")).to_contain_text("resuming from", timeout=LONG_MS)
 
 
-def test_the_page_reconnects_and_refetches_history_after_a_server_restart(
-        open_tab: Any, own_server: tuple[serving.Server, Path]) -> None:
-    server, run_dir = own_server
-    server.wait_for_state("running")
-    tab = open_tab(server.url)
+def test_a_non_finite_loss_raises_an_alert_that_stays_in_view(page: Any, faulty: Faulty) -> None:
+    flag = faulty.faults / faulty_recipe.NAN_FLAG
+    flag.touch()
+    try:
+        alert = page.get_by_role("alert").filter(has_text=re.compile("non-finite", re.IGNORECASE))
+        expect(alert).to_be_visible(timeout=LONG_MS)
+        assert in_viewport(page, alert)
+        page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+        page.wait_for_function("window.scrollY > 0")
+        assert in_viewport(page, alert), "the alert scrolled out of view"
+        # After nonfinite_patience bad steps in a row the trainer pauses itself.
+        expect(state_badge(page)).to_have_text("paused", timeout=LONG_MS)
+    finally:
+        flag.unlink()
+    page.get_by_role("button", name="Resume", exact=True).click()
+    expect(state_badge(page)).to_have_text("running", timeout=LONG_MS)
+
+
+def test_a_crash_shows_its_traceback_and_restart_recovers(tab: Any, faulty: Faulty) -> None:
+    page = tab.page
+    # The eval request itself fails: its trainer dies before answering (409).
+    tab.guard.allow(r"status of 409")
+    (faulty.faults / faulty_recipe.CRASH_EVAL_FLAG).touch()
+    try:
+        page.get_by_role("button", name="Eval", exact=True).click()
+        expect(state_badge(page)).to_have_text("crashed", timeout=LONG_MS)
+    finally:
+        (faulty.faults / faulty_recipe.CRASH_EVAL_FLAG).unlink()
+    alert = page.get_by_role("alert").filter(has_text=re.compile("crash", re.IGNORECASE))
+    expect(alert).to_be_visible()
+    assert in_viewport(page, alert)
+    expect(alert.locator("pre")).to_contain_text("evaluation failed on purpose", timeout=LONG_MS)
+    expect(alert.locator("pre")).to_contain_text("Traceback")
+    page.get_by_role("button", name="Restart").click()
+    expect(state_badge(page)).to_have_text("running", timeout=LONG_MS)
+    expect(alert).to_have_count(0, timeout=LONG_MS)
+
+
+def test_the_page_reconnects_and_refetches_history_after_a_server_restart(open_tab: Any, faulty: Faulty) -> None:
+    faulty.live.wait_for_state("running")
+    tab = open_tab(faulty.live.url)
     page = tab.page
     connection = page.get_by_role("status", name="Connection")
     expect(connection).to_have_text("live")
-    # While the server is down the browser reports failed connections: expected here.
+    # While the server is down the browser reports the failed connections: expected here.
     tab.guard.allow(r"WebSocket connection|ERR_CONNECTION_REFUSED|Failed to load resource")
 
-    port, token = server.port, server.token
-    server.stop()
+    port, token = faulty.live.port, faulty.live.token
+    faulty.live.stop()
     expect(connection).to_have_text(re.compile("reconnecting"), timeout=LONG_MS)
     expect(connection).to_have_attribute("data-state", "reconnecting")
 
-    restarted = serving.start(serving.serve_args(run_dir, port=port, token=token, resume=True))
-    try:
-        with page.expect_response(lambda r: "/api/metrics" in r.url, timeout=LONG_MS) as history:
-            expect(connection).to_have_text("live", timeout=LONG_MS)
-        assert history.value.ok
-        restarted.wait_for_state("running")
-        expect(state_badge(page)).to_have_text("running", timeout=LONG_MS)
-        before = int(page.locator('figure[data-metric="train/loss"]').get_attribute("data-last-step") or 0)
-        page.wait_for_function(
-            "s => Number(document.querySelector(\"figure[data-metric='train/loss']\").dataset.lastStep) > s",
-            arg=before, timeout=LONG_MS,
-        )
-    finally:
-        restarted.stop()
+    faulty.start(port=port, token=token, resume=True)
+    with page.expect_response(lambda r: "/api/metrics" in r.url, timeout=LONG_MS) as history:
+        expect(connection).to_have_text("live", timeout=LONG_MS)
+    assert history.value.ok
+    faulty.live.wait_for_state("running")
+    expect(state_badge(page)).to_have_text("running", timeout=LONG_MS)
+    wait_for_last_step(page, "train/loss", last_step(page, "train/loss"), LONG_MS)

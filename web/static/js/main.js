@@ -81,6 +81,11 @@ function handleEvent(event) {
   log.addEvent(event);
   board.addEvents([event]);
   if (event.kind === "alert") alerts.fromEvent(event);
+  // A new trainer process: the previous one's crash and non-finite losses are history now.
+  if (event.kind === "start") {
+    alerts.clear("crash");
+    alerts.clear("nonfinite");
+  }
   if (event.kind === "checkpoint" || event.kind === "export") checkpoints.refreshSoon();
 }
 
