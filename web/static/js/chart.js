@@ -62,6 +62,7 @@ export class MetricChart {
     this.plotEl = element("div", "plot");
     this.figure.append(caption, this.plotEl);
     this.markerLayer = null;
+    this.dragging = false;
   }
 
   get source() {
@@ -118,6 +119,10 @@ export class MetricChart {
     this.plot = new window.uPlot(this.options(width), this.buildData(), this.plotEl);
     this.markerLayer = new MarkerLayer(this.plot.over);
     this.plot.over.addEventListener("dblclick", () => this.board.resetZoom());
+    // Synced charts mirror the selection; only the chart the user dragged on asks for the zoom.
+    this.plot.over.addEventListener("mousedown", () => {
+      this.dragging = true;
+    });
     this.placeMarkers(this.plot);
     this.dirty = false;
   }
@@ -157,11 +162,13 @@ export class MetricChart {
 
   onSelect(u) {
     const { left, width } = u.select;
+    const mine = this.dragging;
+    this.dragging = false;
     if (width < MIN_SELECT_PX) return;
-    const from = u.posToVal(left, "x");
-    const to = u.posToVal(left + width, "x");
+    const from = Math.max(0, Math.floor(u.posToVal(left, "x")));
+    const to = Math.ceil(u.posToVal(left + width, "x"));
     u.setSelect({ left: 0, top: 0, width: 0, height: 0 }, false);
-    this.board.zoomTo(Math.floor(from), Math.ceil(to));
+    if (mine && Number.isFinite(from) && Number.isFinite(to)) this.board.zoomTo(from, to);
   }
 
   onCursor(u) {
