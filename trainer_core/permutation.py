@@ -49,8 +49,11 @@ def mix64(*parts: int) -> int:
 
 
 def _round_function(half: torch.Tensor, key: int, out_mask: int) -> torch.Tensor:
-    """A keyed 32-bit mix of one half, cut to the width of the other half."""
-    h = (half ^ key).bitwise_and_(MASK32)
+    """A keyed 32-bit mix of one half, cut to the width of the other half.
+
+    Halves have at most 31 bits and keys 32, so ``half ^ key`` already fits in 32 bits.
+    """
+    h = half ^ key
     h.mul_(MUL_A).bitwise_and_(MASK32)
     h ^= h >> 15
     h.mul_(MUL_B).bitwise_and_(MASK32)
