@@ -28,6 +28,8 @@ from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint
 
 BlockSpec = type[nn.Module] | tuple[type[nn.Module], ...] | str | None
+# Containers are never called, so wrapping their forward would offload nothing.
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 
 ACTIVATION_BYTES = "train/activation_bytes"
 ACTIVATION_CPU_BYTES = "train/activation_cpu_bytes"
@@ -42,24 +44,24 @@ class NoBlocksWarning(UserWarning):
 
 
 def find_repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The children of the model's biggest stack of same-class modules (its transformer layers).
+    """The model's repeated blocks (its transformer layers), as (name, module) pairs.
 
     A stack is an ``nn.ModuleList`` or ``nn.Sequential`` with at least two children, all of one
-    class; the biggest is the one holding the most parameters. Returns [] when there is none.
+    class; the blocks are all modules of the class that fills the biggest stack (the one holding
+    the most parameters), wherever they sit. Returns [] when there is no stack.
     """
-    best: list[tuple[str, nn.Module]] = []
+    best: type[nn.Module] | None = None
     best_size = (-1, -1)
-    for name, container in model.named_modules():
+    for container in model.modules():
         if not isinstance(container, nn.ModuleList | nn.Sequential):
             continue
-        children = list(container.named_children())
-        if len(children) < 2 or len({type(child) for _, child in children}) != 1:
+        classes = {type(child) for child in container.children()}
+        if len(container) < 2 or len(classes) != 1 or issubclass(cls := classes.pop(), _CONTAINERS):
             continue
-        size = (sum(p.numel() for p in container.parameters()), len(children))
+        size = (sum(p.numel() for p in container.parameters()), len(container))
         if size > best_size:
-            prefix = f"{name}." if name else ""
-            best, best_size = [(prefix + child_name, child) for child_name, child in children], size
-    return best
+            best, best_size = cls, size
+    return [] if best is None else select_blocks(model, best)
 
 
 def select_blocks(model: nn.Module, blocks: BlockSpec = None) -> list[tuple[str, nn.Module]]:
@@ -94,11 +96,14 @@ def _matcher(blocks: type[nn.Module] | tuple[type[nn.Module], ...] | str) -> Cal
 
 
 def _outermost(model: nn.Module, matches: Callable[[str, nn.Module], bool]) -> Iterator[tuple[str, nn.Module]]:
-    """Matching submodules, not descending into a match (a block is never nested in a block)."""
+    """Matching submodules, not descending into a match (a block is never nested in a block).
+
+    Containers (ModuleList, ModuleDict) are looked into, never matched: they have no forward.
+    """
     stack = [(name, child) for name, child in reversed(list(model.named_children()))]
     while stack:
         name, module = stack.pop()
-        if matches(name, module):
+        if not isinstance(module, _CONTAINERS) and matches(name, module):
             yield name, module
             continue
         stack.extend((f"{name}.{n}", c) for n, c in reversed(list(module.named_children())))

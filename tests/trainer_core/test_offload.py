@@ -240,7 +240,26 @@ def test_blocks_can_be_chosen_by_class_or_by_a_full_name_pattern_outermost_first
     assert [n for n, _ in select_blocks(model, (Block, nn.Linear))][2:] == [
         "decoder.stack.0", "decoder.stack.1", "decoder.stack.2", "heads.0"]
     assert [n for n, _ in select_blocks(model, r"decoder\.stack\.[02]")] == ["decoder.stack.0", "decoder.stack.2"]
-    assert [n for n, _ in select_blocks(model, r"decoder.*")] == ["decoder"]
+    assert [n for n, _ in select_blocks(model, r"encoder.*")] == ["encoder"]
+
+
+def test_containers_are_looked_into_never_chosen_since_they_are_never_called() -> None:
+    model = Nested()
+    assert [n for n, _ in select_blocks(model, r"decoder\.stack.*")] == [
+        "decoder.stack.0", "decoder.stack.1", "decoder.stack.2"]
+    assert [n for n, _ in select_blocks(model, nn.ModuleList)] == []
+    grid = nn.Module()
+    grid.rows = nn.ModuleList(nn.ModuleList(Block(4) for _ in range(2)) for _ in range(3))
+    assert [n for n, _ in find_repeated_blocks(grid)] == [f"rows.{r}.{c}" for r in range(3) for c in range(2)]
+
+
+def test_default_blocks_include_every_module_of_the_repeated_class() -> None:
+    towers = nn.Module()
+    towers.left = nn.ModuleList(Block(4) for _ in range(3))
+    towers.right = nn.Sequential(Block(4), Block(4))
+    towers.heads = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+    names = [n for n, _ in find_repeated_blocks(towers)]
+    assert names == ["left.0", "left.1", "left.2", "right.0", "right.1"]
 
 
 def test_a_block_registered_twice_is_wrapped_once() -> None:
