@@ -110,7 +110,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     try:
         manifest = io.json_read(path)
     except (ValueError, OSError) as exc:
-        raise CheckpointError(f"{folder.name}: {MANIFEST} is corrupt ({exc})") from exc
+        raise CheckpointError(f"{folder.name}: {MANIFEST} is corrupt ({_one_line(exc)})") from exc
     problem = _manifest_problem(manifest)
     if problem:
         raise CheckpointError(f"{folder.name}: {MANIFEST} is corrupt ({problem})")
@@ -128,7 +128,9 @@ def _manifest_problem(manifest: Any) -> str | None:
     if not isinstance(files, dict) or not files:
         return "no files listed"
     for name, entry in files.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get(K_BYTES), int) or "/" in name or name == MANIFEST:
+        if not PART_NAME.fullmatch(name) or name == MANIFEST or not isinstance(entry, dict):
+            return f"bad entry for {name!r}"
+        if not isinstance(entry.get(K_BYTES), int):
             return f"bad entry for {name!r}"
         if not isinstance(entry.get(K_PART), str) or not isinstance(entry.get(K_EDGE_CRC), int):
             return f"bad entry for {name!r}"

@@ -184,6 +184,15 @@ def test_a_corrupt_manifest_is_skipped_and_named_by_load(manager: CheckpointMana
     assert latest_checkpoint(manager.run_dir) == manager.root / "step_00000010"
 
 
+@pytest.mark.parametrize("files", [{"../escape.pt": {"part": "x", "bytes": 1, "edge_crc32": 0}}, {}, []])
+def test_a_manifest_listing_bad_files_is_refused(manager: CheckpointManager, files: object) -> None:
+    folder = manager.save(3, make_parts(3))
+    manifest = json.loads((folder / MANIFEST).read_text())
+    (folder / MANIFEST).write_text(json.dumps({**manifest, "files": files}))
+    with pytest.raises(CheckpointError, match=r"manifest\.json is corrupt"):
+        manager.load(folder)
+
+
 def test_overwritten_header_bytes_fail_the_checksum(manager: CheckpointManager) -> None:
     folder = manager.save(3, make_parts(3))
     weights = folder / f"model.main.{manager.weights_format}"
