@@ -149,6 +149,7 @@ LOADER_CASES = {
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")  # machines with one CPU
 @pytest.mark.parametrize("case", sorted(LOADER_CASES))
 def test_resume_from_consumed_batches_with_dataloader_workers(case: str) -> None:
     make, batch_size, split = LOADER_CASES[case]
