@@ -109,16 +109,24 @@ def _resolve_training(args: argparse.Namespace) -> tuple[Any, Path]:
     return config, run_dir
 
 
-def _listen_settings(args: argparse.Namespace, run_dir: Path, read_only: bool, **extra: Any) -> Any:
-    from server.auth import new_token
-    from server.serve import bind_socket
-    from server.settings import ServerSettings, is_loopback
+def _token(args: argparse.Namespace) -> str | None:
+    """The explicit token; refuses a bind other machines can reach without one."""
+    from server.settings import is_loopback
 
-    token = args.token or os.environ.get(TOKEN_ENV) or None
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
     if token is not None and not token.strip():
         raise UsageError("--token must not be empty")
     if not is_loopback(args.host) and token is None:
         raise UsageError(f"--host {args.host} is reachable from other machines: pass --token (or set ${TOKEN_ENV})")
+    return token
+
+
+def _listen_settings(args: argparse.Namespace, run_dir: Path, read_only: bool, **extra: Any) -> Any:
+    from server.auth import new_token
+    from server.serve import bind_socket
+    from server.settings import ServerSettings
+
+    token = _token(args)
     sock = bind_socket(args.host, args.port)
     settings = ServerSettings(
         token=token or new_token(), run_dir=run_dir, host=args.host, port=sock.getsockname()[1],
@@ -145,6 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.nproc_per_node != 1:
         raise UsageError(f"--nproc-per-node {args.nproc_per_node}: launching several ranks from serve is not "
                          "supported yet; use 1")
+    _token(args)  # refuse an unprotected public bind before the slow part
     config, run_dir = _resolve_training(args)
     try:
         settings, sock = _listen_settings(args, run_dir, False, quit_timeout_s=args.quit_timeout)
@@ -173,6 +182,7 @@ async def _serve(app: Any, settings: Any, sock: Any, url: str, supervisor: Any) 
     supervisor.listeners.append(console.on_message)
 
     def on_stop() -> None:
+        console.shutting_down = True
         say("traindeck: stopping: the trainer saves and quits (Ctrl-C again to abort)", err=True)
         loop.call_soon_threadsafe(supervisor.request_quit)
 

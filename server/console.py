@@ -29,6 +29,7 @@ class Console:
         self.supervisor = supervisor
         self.loop = loop
         self._announced: set[tuple[str, Any]] = set()
+        self.shutting_down = False
 
     def on_line(self, line: str) -> None:
         """Called on the stdin thread."""
@@ -68,6 +69,7 @@ class Console:
             return
         signal_name = status.get("signal")
         how = f"exit code {code}" + (f", {signal_name}" if signal_name else "")
-        say(f"trainer crashed at step {status.get('step')} ({how}); POST /run/restart resumes it", err=True)
+        hint = "" if self.shutting_down else "; POST /run/restart resumes it"
+        say(f"trainer crashed at step {status.get('step')} ({how}){hint}", err=True)
         if status.get("traceback"):
             say(str(status["traceback"]).rstrip(), err=True)

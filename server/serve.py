@@ -96,6 +96,13 @@ class Server(uvicorn.Server):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        if self.force_exit:
+            # uvicorn skips the lifespan on a forced exit; ours is quick once the trainer is killed,
+            # and skipping it would leave its task to be cancelled (and logged) by asyncio.run.
+            await self.lifespan.shutdown()
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit:
             if sig == signal.SIGINT:

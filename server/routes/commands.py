@@ -7,9 +7,9 @@ the parser or the trainer refuses it, 409 when no trainer is running.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,6 +18,7 @@ from server.context import ServerContext
 from server.routes.deps import INPUT_RESPONSES, Ctx, Problem
 from server.settings import MAX_WAIT_S
 from server.supervisor import NotRunning
+from trainer_core.commands import COMMAND_NAMES
 
 router = APIRouter(tags=["commands"])
 
@@ -81,7 +82,7 @@ async def _respond(ctx: ServerContext, command_of: Any, source: str, wait_s: flo
 @router.post("/command/{name}", responses=COMMAND_RESPONSES, response_model=CommandResult)
 async def post_named_command(
     ctx: Ctx,
-    name: str,
+    name: Annotated[str, Path(description="the command", json_schema_extra={"enum": list(COMMAND_NAMES)})],
     body: CommandBody | None = None,
     wait: float | None = Query(None, ge=0, le=MAX_WAIT_S, description="seconds to wait for the result"),
 ) -> JSONResponse:

@@ -176,6 +176,27 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def session_members(sid: int) -> list[int]:
+    """Live processes whose session is ``sid`` (the server was started as a session leader)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def no_orphans(sid: int) -> None:
+    """Nothing of the server's session outlives it (multiprocessing's resource tracker needs a moment
+    to notice its last user is gone, so allow it that)."""
+    wait_until(lambda: session_members(sid) == [], 15, f"every process of session {sid} to exit")
+
+
 def events_of(served: Served, kind: str, since_id: int = 0) -> list[dict[str, Any]]:
     with served.http() as client:
         return [e for e in client.get("/api/events", params={"since_id": since_id, "limit": 10000}).json()

@@ -18,25 +18,10 @@ from typing import Any
 
 import pytest
 
-from tests.server.conftest import TINY, Served, events_of, pid_alive, wait_until
+from tests.server.conftest import TINY, Served, events_of, no_orphans, pid_alive, wait_until
 
 NOTICE_LIMIT_S = 2.0
 SHARED: dict[str, Any] = {}
-
-
-def session_members(sid: int) -> list[int]:
-    """Live processes whose session is ``sid`` (the server was started as a session leader)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +102,7 @@ def test_server_sigterm_makes_the_trainer_save_and_leaves_no_orphan(life: Served
     life.signal(signal.SIGTERM)
     assert life.wait_exit(120) == 0
     assert not pid_alive(pid)
-    assert session_members(life.proc.pid) == []
+    no_orphans(life.proc.pid)
     assert not (run_dir / "server.json").exists()
     with contextlib.closing(sqlite3.connect(run_dir / "metrics.sqlite")) as db:
         rows = db.execute("SELECT kind, data FROM events WHERE kind IN ('start', 'checkpoint', 'finish') "
