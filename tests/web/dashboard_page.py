@@ -22,3 +22,8 @@ def last_step(page: Any, name: str) -> int:
 def wait_for_last_step(page: Any, name: str, above: int, timeout_ms: float = 30_000) -> None:
     """Wait (bounded) until the chart of `name` has a point after step `above`."""
     page.wait_for_function(_LAST_STEP_ABOVE, arg=[name, above], timeout=timeout_ms)
+
+
+def wait_for_history(page: Any, timeout_ms: float = 60_000) -> None:
+    """Wait (bounded) until every metric's history is drawn (the page marks it on <html>)."""
+    page.wait_for_function("document.documentElement.dataset.historyPaintMs !== undefined", timeout=timeout_ms)

@@ -13,7 +13,7 @@ from playwright.sync_api import expect
 
 from tests.web import serving
 from tests.web.conftest import BROWSER_ARGS, DESKTOP, Tab
-from tests.web.dashboard_page import chart, last_step, wait_for_last_step
+from tests.web.dashboard_page import chart, last_step, wait_for_history, wait_for_last_step
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -49,7 +49,7 @@ def test_history_is_fetched_per_metric_downsampled_and_the_paint_is_marked(open_
     responses: list[Any] = []
     page.on("response", lambda r: responses.append(r) if "/api/metrics?" in r.url else None)
     page.goto(shared_server.url)
-    page.wait_for_function("document.documentElement.dataset.historyPaintMs !== undefined")
+    wait_for_history(page)
     page.wait_for_function("document.documentElement.dataset.firstPaintMs !== undefined")
     history = [r for r in responses if "names=" in r.url]
     assert {name for r in history for name in r.json()} >= {"train/loss", "train/lr", "train/grad_norm"}
@@ -98,6 +98,7 @@ def test_dragging_over_a_chart_refetches_that_range_and_reset_zoom_restores(open
 
 def test_desktop_screenshot_is_saved(open_tab: Any, shared_server: serving.Server, artifacts: Any) -> None:
     page = open_tab(shared_server.url, DESKTOP).page
+    wait_for_history(page)
     wait_for_last_step(page, "train/loss", 30)
     path = artifacts / "dashboard-desktop.png"
     page.screenshot(path=str(path), full_page=False)

@@ -18,6 +18,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.web import serving
+from tests.web.dashboard_page import wait_for_history
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -83,7 +84,7 @@ def test_first_paint_of_a_million_points_per_metric_receives_at_most_2000_each(
     responses: list[Any] = []
     page.on("response", lambda r: responses.append(r) if "/api/metrics" in r.url else None)
     page.goto(viewer.url)
-    page.wait_for_function("document.documentElement.dataset.historyPaintMs !== undefined", timeout=60_000)
+    wait_for_history(page)
 
     received: dict[str, int] = {}
     for response in responses:

@@ -9,7 +9,7 @@ from playwright.sync_api import expect
 
 from tests.web import serving
 from tests.web.conftest import DESKTOP, PHONE
-from tests.web.dashboard_page import wait_for_last_step
+from tests.web.dashboard_page import wait_for_history, wait_for_last_step
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -18,6 +18,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 def test_phone_viewport_renders_one_column_without_horizontal_scroll(open_tab: Any, shared_server: serving.Server,
                                                                       artifacts: Any) -> None:
     page = open_tab(shared_server.url, PHONE).page
+    wait_for_history(page)
     wait_for_last_step(page, "train/loss", 10)
     widths = page.evaluate("[document.documentElement.scrollWidth, document.body.scrollWidth, window.innerWidth]")
     assert widths[0] <= widths[2] and widths[1] <= widths[2], widths
