@@ -172,7 +172,9 @@ class Decoder:
         return complex(real, imag)
 
     def _tag_size(self, arg: list[Any]) -> torch.Size:
-        return torch.Size(_ints(arg))
+        if not all(type(item) is int for item in _list(arg)):
+            raise ValueError(f"torch.Size needs integers, got {arg!r:.60}")
+        return torch.Size(arg)
 
     def _tag_dtype(self, arg: str) -> torch.dtype:
         return DTYPE_BY_NAME[arg]
@@ -194,10 +196,3 @@ def _pairs(value: Any) -> list[tuple[Any, Any]]:
     if not all(type(pair) is list and len(pair) == 2 for pair in pairs):
         raise ValueError("dict items must be [key, value] pairs")
     return pairs
-
-
-def _ints(value: Any) -> list[int]:
-    items = _list(value)
-    if not all(type(item) is int and item >= 0 for item in items):
-        raise ValueError(f"expected non-negative integers, got {value!r:.60}")
-    return items

@@ -87,7 +87,8 @@ def test_every_supported_kind_of_value_comes_back_with_its_type(tmp_path: Path, 
     obj = {
         "ints": {0: 1, -1: 2**80, True: None}, "floats": [0.1, -0.0, float("inf"), float("-inf"), float("nan")],
         "tuple": (1, (2, "x")), "set": {1, "a"}, "bytes": b"\x00\xff", "bytearray": bytearray(b"ab"),
-        "complex": 1 - 2j, "size": torch.Size([2, 3]), "dtype": torch.bfloat16, "device": torch.device("cpu"),
+        "complex": 1 - 2j, "size": torch.Size([2, 3]), "view_shape": torch.Size([-1, 4]),
+        "dtype": torch.bfloat16, "device": torch.device("cpu"),
         "odict": collections.OrderedDict([("b", 1), ("a", 2)]), (1, "tuple key"): "v", 2.5: "float key",
         "text": "ünïcode \n\"quoted\" \ud800", "": "empty key",
     }
