@@ -127,17 +127,19 @@ class OffloadedForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return self.inner(*args, **kwargs)
-        # Checkpoint saves only top-level tensor arguments through the hooks; anything nested
-        # (kwargs, tuples of tensors) would stay referenced on the device, so flatten it all.
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        inner = self.inner
+        function, flat = self.inner, args
+        if kwargs or any(isinstance(arg, list | tuple | dict) for arg in args):
+            # Checkpoint saves only top-level tensor arguments through the hooks; anything nested
+            # (kwargs, tuples of tensors) would stay referenced on the device, so flatten it all.
+            flat, spec = pytree.tree_flatten((args, kwargs))
+            inner = self.inner
 
-        def run(*flat: Any) -> Any:
-            call_args, call_kwargs = pytree.tree_unflatten(list(flat), spec)
-            return inner(*call_args, **call_kwargs)
+            def function(*leaves: Any) -> Any:
+                call_args, call_kwargs = pytree.tree_unflatten(list(leaves), spec)
+                return inner(*call_args, **call_kwargs)
 
         with torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack):
-            return checkpoint(run, *leaves, use_reentrant=False, preserve_rng_state=True)
+            return checkpoint(function, *flat, use_reentrant=False, preserve_rng_state=True)
 
     def _pack(self, tensor: torch.Tensor) -> tuple[torch.device, torch.Tensor]:
         if _is_parameter(tensor):  # model state lives on the device anyway: no copy, not counted
