@@ -116,6 +116,8 @@ def test_a_tensor_of_lengths_batches_like_the_list() -> None:
         ([1.0, float("nan")], "finite"),
         ([1.0, float("inf")], "finite"),
         (["a", "b"], "numbers"),
+        ([[1, 2], [3, 4]], "numbers"),
+        ([10**400], "numbers"),
         (torch.ones(2, 2), "one-dimensional"),
         ({1: 2}, "list, tuple or tensor"),
         (torch.tensor([True, False]), "real numbers"),
