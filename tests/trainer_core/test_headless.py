@@ -140,10 +140,15 @@ def test_stdin_at_eof_ends_the_reader_thread_instead_of_spinning() -> None:
 def test_lines_waiting_at_start_are_seen_by_the_first_poll() -> None:
     read_end, write_end = os.pipe()
     os.write(write_end, b"eval_quit\n")
-    with os.fdopen(read_end) as stdin:
-        channel = StdinChannel(stdin, io.StringIO())
+    stdin = os.fdopen(read_end)
+    channel = StdinChannel(stdin, io.StringIO())
+    try:
         assert [r.line for r in channel.poll()] == ["eval_quit"]
-    os.close(write_end)
+    finally:
+        os.close(write_end)  # EOF ends the reader; only then can its file be closed
+        assert channel._reader is not None
+        channel._reader.join(timeout=5)
+        stdin.close()
 
 
 def test_a_terminal_gets_a_progress_bar(tmp_path: Path) -> None:
