@@ -48,6 +48,7 @@ def replace_modules(model: nn.Module, target: Target, factory: Factory) -> list[
     ``target`` is a module class, a tuple of classes, or a predicate ``(name, module) -> bool``.
     A module registered under several names is built once and stays shared (its first name is
     returned). The root module itself is never replaced. Nothing matching is warned about.
+    State-dict hooks describe the old module's layout and are not carried over.
     """
     matches = _find(model, _predicate(target))
     if not matches:
