@@ -21,6 +21,7 @@ from trainer_core.data import DataFeed, build_sampler
 from trainer_core.engine import Engines, build_engines, resolve_amp, resolve_device
 from trainer_core.recipe import EvalContext, Recipe, build_recipe
 from trainer_core.store import MetricsStore
+from trainer_core.tensorboard import TensorBoardSink, open_sink
 
 
 @dataclass
@@ -34,6 +35,14 @@ class Session:
     device: torch.device
     activation_meter: Any = None
     optimization_notes: tuple[str, ...] = ()
+    tensorboard: TensorBoardSink | None = None
+    warnings: tuple[str, ...] = ()
+
+    def log_metrics(self, step: int, values: dict[str, float]) -> None:
+        if self.store is not None:
+            self.store.log_metrics(step, values)
+        if self.tensorboard is not None:
+            self.tensorboard.log(step, values)
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Run the recipe's eval without disturbing the training RNG streams (exact resume holds)."""
@@ -70,6 +79,8 @@ class Session:
         self.feed.close()
         if self.store is not None:
             self.store.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def seed_everything(seed: int) -> None:
@@ -100,8 +111,11 @@ def build_session(recipe_spec: str, config: Config, run_dir: Path) -> Session:
         world_size=distributed.world_size(),
     )
     feed = DataFeed(recipe.dataset, sampler, config.data, collate_fn=recipe.collate_fn, seed=t.seed)
-    store = MetricsStore(run_dir / "metrics.sqlite") if distributed.is_leader() else None
-    return Session(config, run_dir, recipe, engines, feed, store, device, meter, tuple(notes))
+    leader = distributed.is_leader()
+    store = MetricsStore(run_dir / "metrics.sqlite") if leader else None
+    sink, problem = open_sink(run_dir) if t.tensorboard and leader else (None, None)
+    return Session(config, run_dir, recipe, engines, feed, store, device, meter, tuple(notes), sink,
+                   (problem,) if problem else ())
 
 
 def _apply_optimizations(models: dict[str, torch.nn.Module], config: Config) -> tuple[list[str], Any]:

@@ -110,6 +110,10 @@ class Trainer:
     def start(self, resume: bool) -> None:
         if self.leader:
             dump_yaml(self.cfg, self.s.run_dir / "config.yaml")
+        for message in self.s.warnings:
+            self.emit_event("alert", {"level": "warning", "message": message})
+        for message in self.s.optimization_notes:
+            self.emit_event("info", {"message": message})
         resumed_from = self._resume() if resume else None
         self.emit_event("start", {"resume_from": resumed_from, "pid": os.getpid(), "iterations": self.iterations})
 
@@ -148,8 +152,7 @@ class Trainer:
         now = time.perf_counter()
         values["train/steps_per_s"] = self.rate.tick(now)
         values["train/epoch"] = self.s.feed.epoch_progress
-        if self.s.store is not None:
-            self.s.store.log_metrics(self.step, values)
+        self.s.log_metrics(self.step, values)
         self.channel.send({"type": "metrics", "step": self.step, "time": time.time(), "values": values})
         if nonfinite:
             self._on_nonfinite()
@@ -234,8 +237,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         metrics = self.s.evaluate(self.step)
         values = {f"eval/{k}": v for k, v in metrics.items()}
-        if self.s.store is not None:
-            self.s.store.log_metrics(self.step, values)
+        self.s.log_metrics(self.step, values)
         self.channel.send({"type": "metrics", "step": self.step, "time": time.time(), "values": values})
         self.emit_event("eval", {"metrics": metrics})
         return metrics

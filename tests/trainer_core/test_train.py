@@ -140,3 +140,12 @@ def test_resume_skips_a_truncated_checkpoint_and_says_why(tmp_path: Path) -> Non
     assert start["data"]["resume_from"].endswith("step_00000002")
     alerts = [e["data"]["message"] for e in channel.of_type("event") if e["kind"] == "alert"]
     assert any("step_00000004" in message for message in alerts)
+
+
+def test_tensorboard_event_files_are_written_when_asked(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tmp_path, small_config("trainer.iterations=3", "trainer.tensorboard=true"))
+    accumulator = EventAccumulator(str(tmp_path / "tensorboard"))
+    accumulator.Reload()
+    assert [event.step for event in accumulator.Scalars("train/loss")] == [1, 2, 3]
