@@ -315,11 +315,12 @@ def compile_model(model: nn.Module, backend: str = "auto", **options: Any) -> nn
 
 
 def _inductor_missing(model: nn.Module) -> str:
+    """Why inductor cannot run here, or "". The model may still move to CUDA after this call."""
     first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    device_type = first.device.type if first is not None else "cpu"
-    if device_type == "cuda" and importlib.util.find_spec("triton") is None:
+    on_cuda = (first is not None and first.device.type == "cuda") or torch.cuda.is_available()
+    if on_cuda and importlib.util.find_spec("triton") is None:
         return "inductor needs triton for CUDA, which is not installed"
-    compilers = [c for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c]
-    if device_type == "cpu" and not any(shutil.which(c) for c in compilers):
-        return "inductor needs a C++ compiler for CPU, none found on PATH"
+    compilers = [c for c in (os.environ.get("CXX", ""), os.environ.get("CC", ""), "g++", "c++", "clang++", "gcc") if c]
+    if not any(shutil.which(c) for c in compilers):
+        return "inductor needs a C/C++ compiler, none found on PATH"
     return ""
