@@ -6,6 +6,8 @@ import { MarkerLayer } from "./markers.js";
 import { ema, positiveOnly, Series } from "./series.js";
 
 const PLOT_HEIGHT = 200;
+// Schedules, not noisy measurements: an EMA would only blur their steps.
+const UNSMOOTHED = /(^|\/)(lr|epoch)(\/|$)/;
 const MIN_SELECT_PX = 4;
 
 /** Chart colours, read from the page's CSS variables so charts follow the colour scheme. */
@@ -48,7 +50,8 @@ export class MetricChart {
     this.plot = null;
     this.dirty = true;
     this.visible = true;
-    this.smoothed = board.settings.smoothing > 0;
+    this.smoothable = !UNSMOOTHED.test(name);
+    this.smoothed = this.smoothing > 0;
 
     this.figure = element("figure", "chart");
     this.figure.dataset.metric = name;
@@ -69,10 +72,15 @@ export class MetricChart {
     return this.zoomed ?? this.series;
   }
 
+  get smoothing() {
+    return this.smoothable ? this.board.settings.smoothing : 0;
+  }
+
   /** Arrays for uPlot. Always fresh copies: uPlot keeps them and redraws from them on resize. */
   buildData() {
     const src = this.source;
-    const { smoothing, log } = this.board.settings;
+    const { log } = this.board.settings;
+    const smoothing = this.smoothing;
     const shown = log ? positiveOnly : (a) => a.slice();
     const smooth = smoothing > 0 ? ema(src.value, smoothing) : src.value;
     return [src.step.slice(), shown(src.value), shown(smooth), shown(src.min), shown(src.max)];
@@ -80,7 +88,7 @@ export class MetricChart {
 
   options(width) {
     const { theme, settings } = this.board;
-    const smoothing = settings.smoothing > 0;
+    const smoothing = this.smoothing > 0;
     const axis = {
       stroke: theme.axis,
       grid: { stroke: theme.grid, width: 1 },
@@ -114,7 +122,7 @@ export class MetricChart {
   /** Create the uPlot instance once the figure is in the page and has a width. */
   create() {
     this.destroy();
-    this.smoothed = this.board.settings.smoothing > 0;
+    this.smoothed = this.smoothing > 0;
     const width = Math.max(120, Math.floor(this.plotEl.clientWidth || 320));
     this.plot = new window.uPlot(this.options(width), this.buildData(), this.plotEl);
     this.markerLayer = new MarkerLayer(this.plot.over);
