@@ -197,12 +197,13 @@ async def _serve(app: Any, settings: Any, sock: Any, url: str, supervisor: Any) 
 
 
 def cmd_view(args: argparse.Namespace) -> int:
-    from server.app import create_app
-    from server.serve import ListenError, Server, dashboard_url, say, uvicorn_config
-
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"run directory {run_dir} does not exist")
+
+    from server.app import create_app
+    from server.serve import ListenError, Server, dashboard_url, say, uvicorn_config
+
     try:
         settings, sock = _listen_settings(args, run_dir, True)
     except ListenError as exc:

@@ -287,3 +287,12 @@ def inprocess(tmp_path: Path) -> Iterator[InProcessServer]:
         yield server
     finally:
         server.close()
+
+
+def next_message(ws: ClientConnection, kind: str, timeout: float = 60) -> dict[str, Any]:
+    """The next message of type ``kind`` (status snapshots and live metrics arrive in between)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        message = json.loads(ws.recv(timeout=max(deadline - time.monotonic(), 0.01)))
+        if message["type"] == kind:
+            return message

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from websockets.sync.client import ClientConnection
 
-from tests.server.conftest import Served, events_of, wait_until
+from tests.server.conftest import Served, events_of, next_message, wait_until
 
 # (command name, its REST body, the same command as a WebSocket message)
 COMMANDS: list[tuple[str, dict[str, Any] | None, dict[str, Any]]] = [
@@ -59,13 +59,12 @@ def test_rest_command_answers_with_the_trainers_result(served: Served, name: str
 def ws_result(ws: ClientConnection, request: dict[str, Any], timeout: float = 90) -> dict[str, Any]:
     """Send one command and return the first result that answers it (results reach every client)."""
     ws.send(json.dumps({"type": "command", **request}))
-    line = request.get("line") or request["command"]
+    word = (request.get("line") or request["command"]).split()[0]
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        message = json.loads(ws.recv(timeout=deadline - time.monotonic()))
-        if message["type"] == "result" and (message["command"] or "").split()[0] == line.split()[0]:
+    while True:
+        message = next_message(ws, "result", timeout=max(deadline - time.monotonic(), 0.01))
+        if (message["command"] or "").split()[0] == word:
             return message
-    raise AssertionError(f"no result for {request}")
 
 
 @pytest.mark.parametrize(("name", "_body", "request_"), COMMANDS, ids=[c[0] for c in COMMANDS])
@@ -135,6 +134,5 @@ def test_a_result_slower_than_the_wait_is_202_and_arrives_as_an_event(served: Se
 
 def test_a_websocket_command_error_is_answered_to_that_client(served: Served) -> None:
     with served.ws() as ws:
-        ws.recv(timeout=30)
         result = ws_result(ws, {"line": "sav"})
     assert result["ok"] is False and "did you mean 'save'" in result["message"]

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.server.conftest import TINY, Served, events_of, no_orphans, pid_alive, wait_until
+from tests.server.conftest import TINY, Served, events_of, next_message, no_orphans, pid_alive
 
 NOTICE_LIMIT_S = 2.0
 SHARED: dict[str, Any] = {}
@@ -53,9 +53,8 @@ def test_commands_are_409_while_no_trainer_runs(life: Served) -> None:
     with life.http() as client:
         assert client.post("/command", json={"line": "status"}).status_code == 409
     with life.ws() as ws:
-        ws.recv(timeout=30)
         ws.send(json.dumps({"type": "command", "line": "save"}))
-        result = json.loads(ws.recv(timeout=30))
+        result = next_message(ws, "result")
     assert result["type"] == "result" and result["ok"] is False and "not running" in result["message"]
 
 
@@ -86,8 +85,7 @@ def test_eval_quit_over_the_websocket_stops_after_evaluating(life: Served) -> No
     life.wait_state({"running", "paused"})
     with life.ws() as ws:
         ws.send(json.dumps({"type": "command", "command": "eval_quit"}))
-        result = wait_until(lambda: (m := json.loads(ws.recv(timeout=60)))["type"] == "result" and m, 90,
-                            "the eval_quit result")
+        result = next_message(ws, "result", timeout=120)
     assert result["ok"] is True and result["data"]["metrics"]
     assert life.wait_ended("stopped")["exit_code"] == 0
 

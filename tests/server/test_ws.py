@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.server.conftest import InProcessServer, Served, wait_until
+from tests.server.conftest import InProcessServer, Served, next_message, wait_until
 
 
 def recv_json(ws: Any, timeout: float = 30) -> dict[str, Any]:
@@ -64,7 +64,7 @@ def test_a_new_client_first_gets_a_status_snapshot(served: Served) -> None:
 
 def test_live_metrics_reach_the_client_while_training(served: Served) -> None:
     with served.ws() as ws, running(served):
-        metrics = wait_until(lambda: (m := recv_json(ws))["type"] == "metrics" and m, 60, "a metrics message")
+        metrics = next_message(ws, "metrics")
     assert metrics["step"] >= 1 and "train/loss" in metrics["values"]
 
 
@@ -108,22 +108,20 @@ def test_a_stalled_client_is_thinned_then_dropped_without_blocking_another(inpro
 
 def test_bad_json_is_refused_and_the_connection_stays_usable(served: Served) -> None:
     with served.ws() as ws:
-        recv_json(ws)
         ws.send("{not json")
-        refusal = recv_json(ws)
+        refusal = next_message(ws, "result")
         assert refusal["type"] == "result" and refusal["ok"] is False and "not valid JSON" in refusal["message"]
         ws.send(json.dumps({"type": "subscribe"}))
-        assert "type 'command'" in recv_json(ws)["message"]
+        assert "type 'command'" in next_message(ws, "result")["message"]
         ws.send(json.dumps({"type": "command", "line": "status"}))
-        answer = wait_until(lambda: (m := recv_json(ws))["type"] == "result" and m, 60, "the status result")
+        answer = next_message(ws, "result")
     assert answer["ok"] is True
 
 
 def test_an_oversized_message_is_refused_and_a_huge_one_closes_the_socket(served: Served) -> None:
     with served.ws() as ws:
-        recv_json(ws)
         ws.send(json.dumps({"type": "command", "line": "x" * 20_000}))
-        assert "too large" in recv_json(ws)["message"]
+        assert "too large" in next_message(ws, "result")["message"]
         ws.send("x" * 200_000)
         with pytest.raises(ConnectionClosed) as closed:
             while True:

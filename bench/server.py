@@ -1,0 +1,368 @@
+"""Server benchmarks: loop overhead in serve mode, WebSocket fan-out, command round trip.
+
+(a) Loop overhead: ``traindeck serve`` with one WebSocket client connected, against a bare
+    PyTorch loop with the same model, data and a busy-wait standing in for the model's compute
+    (1 ms and 0.1 ms steps); the headless loop in this process is shown as a second reference.
+    Serve-mode steps/s comes from the trainer's own timestamps in the metrics messages the
+    client receives, so start-up and delivery latency are excluded.
+(b) Fan-out: a trainer emitting ~1 000 metrics messages/s (sleeping 1 ms steps) to 20 clients;
+    p50/p99 delivery latency (trainer send -> client receive) of the live clients without and
+    with one stalled client, and the server's RSS over the run.
+(c) Round trip of ``POST /command/status`` against one step of the same run.
+
+    python bench/server.py [--repeats 3] [--duration 10] [--only loop,fanout,command]
+
+``--duration`` is the fan-out time per phase (the target figure is for 60 s; ``make bench``
+uses the shorter default). Ratios compare numbers measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = f"{Path(__file__).resolve()}:build"
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+DASHBOARD_RE = re.compile(r"Dashboard: (http://([^/]+))/\?token=(\S+)")
+
+
+# -- the synthetic recipe (loaded by the trainer process from this file) -----------------------
+
+def spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def make_parts(seed: int = 0) -> tuple[nn.Module, torch.utils.data.Dataset]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+    data = torch.utils.data.TensorDataset(torch.randn(4096, 16), torch.randn(4096, 1))
+    return model, data
+
+
+def build(config: Any) -> Any:
+    from trainer_core.recipe import Recipe
+
+    torch.set_num_threads(1)
+    model, data = make_parts(config.trainer.seed)
+    wait_s = float(config.recipe["step_ms"]) / 1000
+    wait = time.sleep if config.recipe.get("mode") == "sleep" else spin
+
+    def step(engines: Any, batch: Any) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(engines.model(x), y)
+        wait(wait_s)
+        return loss
+
+    return Recipe(models=model, dataset=data, step=step)
+
+
+def settings(steps: int, step_ms: float, mode: str) -> list[str]:
+    return [f"trainer.iterations={steps}", "data.batch_size=8", "data.sampler=random", f"recipe.step_ms={step_ms}",
+            f"recipe.mode={mode}", "trainer.save_on_quit=false", "trainer.log_every=0"]
+
+
+# -- baselines in this process ---------------------------------------------------------------------
+
+def bare_loop(steps: int, step_ms: float) -> float:
+    from trainer_core.sampler import RandomSampler
+
+    model, data = make_parts()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(data, sampler=RandomSampler(len(data)), batch_size=8, drop_last=True)
+    stamps: list[float] = []
+    while len(stamps) < steps:
+        for x, y in loader:
+            loss = nn.functional.mse_loss(model(x), y)
+            spin(step_ms / 1000)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stamps.append(time.perf_counter())
+            if len(stamps) == steps:
+                break
+    skip = steps // 10
+    return (len(stamps) - 1 - skip) / (stamps[-1] - stamps[skip])
+
+
+class StampChannel:
+    """A channel that keeps each metrics message's step and time, like the WebSocket client does."""
+
+    def __init__(self) -> None:
+        self.stamps: list[tuple[int, float]] = []
+
+    def poll(self) -> list[Any]:
+        return []
+
+    def send(self, message: dict[str, Any]) -> None:
+        if message.get("type") == "metrics" and "train/loss" in message["values"]:
+            self.stamps.append((message["step"], message["time"]))
+
+    def close(self) -> None:
+        return None
+
+
+def headless_loop(steps: int, step_ms: float) -> float:
+    from trainer_core.recipe import resolve_config
+    from trainer_core.train import run
+
+    config = resolve_config(SPEC, None, settings(steps, step_ms, "spin"))
+    channel = StampChannel()
+    with tempfile.TemporaryDirectory() as tmp:
+        run(SPEC, config, Path(tmp) / "run", resume=False, channel=channel, install_signal_handlers=False)
+    return rate(channel.stamps, steps)
+
+
+def rate(stamps: list[tuple[int, float]], steps: int) -> float:
+    kept = [s for s in stamps if s[0] >= steps // 10]
+    (s0, t0), (s1, t1) = kept[0], kept[-1]
+    return (s1 - s0) / (t1 - t0)
+
+
+# -- a served run ----------------------------------------------------------------------------------
+
+class Served:
+    def __init__(self, steps: int, step_ms: float, mode: str, run_dir: Path) -> None:
+        args = [sys.executable, "-m", "server.cli", "serve", SPEC, "--port", "0", "--run-dir", str(run_dir)]
+        for item in settings(steps, step_ms, mode):
+            args += ["--set", item]
+        self.proc = subprocess.Popen(args, cwd=REPO, env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            match = DASHBOARD_RE.search(line)
+            if match:
+                self.base, self.hostport, self.token = match.group(1), match.group(2), match.group(3)
+                break
+        else:
+            raise RuntimeError("the server exited before printing its Dashboard line")
+        self.port = int(self.hostport.rsplit(":", 1)[1])
+        self.ws_url = self.base.replace("http", "ws", 1) + "/ws"
+        self.headers = {"Authorization": f"Bearer {self.token}"}
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        """Keep reading the server's stdout so it never blocks on a full pipe."""
+        assert self.proc.stdout is not None
+        for _ in self.proc.stdout:
+            pass
+
+    def status(self) -> dict[str, Any]:
+        import httpx
+
+        return httpx.get(f"{self.base}/api/status", headers=self.headers, timeout=60).json()
+
+    def wait_running(self) -> None:
+        deadline = time.monotonic() + 180
+        while self.status()["state"] != "running":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the trainer did not start")
+            time.sleep(0.2)
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def serve_loop(steps: int, step_ms: float) -> float:
+    """Steps/s of a served run with one WebSocket client reading everything."""
+    from websockets.sync.client import connect
+
+    with tempfile.TemporaryDirectory() as tmp:
+        served = Served(steps, step_ms, "spin", Path(tmp) / "run")
+        stamps: list[tuple[int, float]] = []
+        try:
+            with connect(served.ws_url, additional_headers=served.headers, open_timeout=60) as ws:
+                while not stamps or stamps[-1][0] < steps:
+                    message = json.loads(ws.recv(timeout=180))
+                    if message["type"] == "metrics" and "train/loss" in message["values"]:
+                        stamps.append((message["step"], message["time"]))
+        finally:
+            served.stop()
+    return rate(stamps, steps)
+
+
+def bench_loop(args: argparse.Namespace) -> None:
+    print("(a) loop overhead, serve mode with one WebSocket client, vs a bare PyTorch loop (median steps/s)")
+    print(f"{'step':>8} {'bare':>10} {'headless':>10} {'serve+ws':>10} {'serve/bare':>11} {'target':>7}")
+    for step_ms, steps, target in ((1.0, args.steps_1ms, 0.98), (0.1, args.steps_01ms, 0.95)):
+        bare, headless, served = [], [], []
+        for _ in range(args.repeats):
+            bare.append(bare_loop(steps, step_ms))
+            headless.append(headless_loop(steps, step_ms))
+            served.append(serve_loop(steps, step_ms))
+        b, h, s = (statistics.median(x) for x in (bare, headless, served))
+        print(f"{step_ms:>6}ms {b:>10.1f} {h:>10.1f} {s:>10.1f} {s / b:>11.3f} {target:>7}", flush=True)
+
+
+# -- (b) fan-out -----------------------------------------------------------------------------------
+
+def stalled_socket(served: Served) -> socket.socket:
+    """Handshake, then never read (a tiny receive buffer makes the stall bite at once)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.connect(("127.0.0.1", served.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /ws HTTP/1.1\r\nHost: {served.hostport}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                  f"Authorization: Bearer {served.token}\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    return sock
+
+
+async def collect_latencies(served: Served, clients: int, duration: float) -> tuple[list[float], int]:
+    from websockets.asyncio.client import connect
+
+    latencies: list[float] = []
+    received = 0
+
+    async def client() -> None:
+        nonlocal received
+        async with connect(served.ws_url, additional_headers=served.headers, open_timeout=60,
+                           max_queue=None) as ws:
+            end = time.time() + duration
+            while time.time() < end:
+                try:
+                    text = await asyncio.wait_for(ws.recv(), timeout=max(end - time.time(), 0.01))
+                except TimeoutError:
+                    break
+                now = time.time()
+                message = json.loads(text)
+                received += 1
+                if message["type"] == "metrics":
+                    latencies.append(now - message["time"])
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return latencies, received
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def fanout_phase(served: Served, stalled: bool, duration: float) -> tuple[float, float, float, list[int]]:
+    rss: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(1.0):
+            rss.append(served.rss_kib())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    sock = stalled_socket(served) if stalled else None
+    try:
+        latencies, received = asyncio.run(collect_latencies(served, 19, duration))
+    finally:
+        done.set()
+        sampler.join()
+        if sock is not None:
+            sock.close()
+    rate_per_client = received / 19 / duration
+    return percentile(latencies, 0.5), percentile(latencies, 0.99), rate_per_client, rss
+
+
+def bench_fanout(args: argparse.Namespace) -> None:
+    print(f"\n(b) fan-out: ~1000 metrics messages/s to 20 clients, {args.duration:g} s per phase (p50/p99 ms)")
+    with tempfile.TemporaryDirectory() as tmp:
+        served = Served(10**9, 1.0, "sleep", Path(tmp) / "run")
+        try:
+            served.wait_running()
+            rows = []
+            for _ in range(args.repeats):
+                rows.append((fanout_phase(served, False, args.duration), fanout_phase(served, True, args.duration)))
+            stats = served.status()
+        finally:
+            served.stop()
+    p50s = [statistics.median(r[i][0] for r in rows) * 1000 for i in (0, 1)]
+    p99s = [statistics.median(r[i][1] for r in rows) * 1000 for i in (0, 1)]
+    msgs = [statistics.median(r[i][2] for r in rows) for i in (0, 1)]
+    print(f"{'':>22} {'p50':>8} {'p99':>8} {'msg/s/client':>13}")
+    print(f"{'19 live, none stalled':>22} {p50s[0]:>8.2f} {p99s[0]:>8.2f} {msgs[0]:>13.0f}")
+    print(f"{'19 live + 1 stalled':>22} {p50s[1]:>8.2f} {p99s[1]:>8.2f} {msgs[1]:>13.0f}")
+    print(f"p99 ratio stalled/none: {p99s[1] / p99s[0]:.2f} (target <= 1.2); p50 ratio {p50s[1] / p50s[0]:.2f}")
+    rss = [kib for r in rows for phase in r for kib in phase[3]]
+    if rss:
+        print(f"server RSS over the run: first {rss[0] / 1024:.1f} MiB, max {max(rss) / 1024:.1f} MiB, "
+              f"last {rss[-1] / 1024:.1f} MiB; ws clients dropped: {stats['ws_dropped_clients']}, "
+              f"messages thinned: {stats['ws_dropped_messages']}")
+
+
+# -- (c) command round trip -----------------------------------------------------------------------
+
+def bench_command(args: argparse.Namespace) -> None:
+    import httpx
+
+    print("\n(c) POST /command/status round trip, trainer at 1 ms steps")
+    with tempfile.TemporaryDirectory() as tmp:
+        served = Served(10**9, 1.0, "spin", Path(tmp) / "run")
+        try:
+            served.wait_running()
+            step_s = 1 / served.status()["steps_per_s"]
+            times = []
+            with httpx.Client(base_url=served.base, headers=served.headers, timeout=60) as client:
+                for _ in range(args.commands):
+                    started = time.perf_counter()
+                    assert client.post("/command/status").status_code == 200
+                    times.append(time.perf_counter() - started)
+        finally:
+            served.stop()
+    median, p99 = statistics.median(times) * 1000, percentile(times, 0.99) * 1000
+    print(f"median {median:.2f} ms, p99 {p99:.2f} ms; one step {step_s * 1000:.2f} ms; "
+          f"median - step = {median - step_s * 1000:.2f} ms (target <= 50 ms)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps-1ms", type=int, default=3000)
+    parser.add_argument("--steps-01ms", type=int, default=10000)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per fan-out phase (target: 60)")
+    parser.add_argument("--commands", type=int, default=200)
+    parser.add_argument("--only", default="loop,fanout,command")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    parts = set(args.only.split(","))
+    if "loop" in parts:
+        bench_loop(args)
+    if "fanout" in parts:
+        bench_fanout(args)
+    if "command" in parts:
+        bench_command(args)
+
+
+if __name__ == "__main__":
+    main()
