@@ -19,6 +19,8 @@ MODEL = "model"
 OPTIMIZER = "optimizer"
 SCHEDULER = "scheduler"
 SCALER = "scaler"
+SCHEDULE_STEP = "step"
+SCHEDULE_BASE_LRS = "base_lrs"
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,6 +57,43 @@ def build_optimizer(params: Any, cfg: Any) -> torch.optim.Optimizer:
     raise ValueError(f"optimizer.name: unknown optimizer {cfg.name!r} (adamw, adam, sgd)")
 
 
+class LRSchedule:
+    """The lr of every param group as ``base_lr * multiplier(step)``.
+
+    Cheaper than ``LambdaLR`` per step (it only writes the groups' lr), which matters when a
+    step takes a tenth of a millisecond; its state is the step and the base lrs.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, multiplier: Callable[[int], float]) -> None:
+        self.optimizer = optimizer
+        self.multiplier = multiplier
+        self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+        self.last_step = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        factor = self.multiplier(self.last_step)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+
+    def step(self) -> None:
+        self.last_step += 1
+        self._apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {SCHEDULE_STEP: self.last_step, SCHEDULE_BASE_LRS: list(self.base_lrs)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping) or {SCHEDULE_STEP, SCHEDULE_BASE_LRS} - set(state):
+            raise ValueError(f"lr schedule state needs {SCHEDULE_STEP!r} and {SCHEDULE_BASE_LRS!r}")
+        base_lrs = [float(lr) for lr in state[SCHEDULE_BASE_LRS]]
+        if len(base_lrs) != len(self.optimizer.param_groups):
+            raise ValueError(f"lr schedule state has {len(base_lrs)} groups, the optimizer "
+                             f"{len(self.optimizer.param_groups)}")
+        self.last_step, self.base_lrs = int(state[SCHEDULE_STEP]), base_lrs
+        self._apply()
+
+
 class Engine:
     """A model and everything that updates it."""
 
@@ -63,7 +102,7 @@ class Engine:
         name: str,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LambdaLR,
+        scheduler: LRSchedule,
         *,
         device: torch.device,
         amp_dtype: torch.dtype | None = None,
@@ -110,14 +149,22 @@ class Engine:
     def backward_scale(self, loss: torch.Tensor) -> torch.Tensor:
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
-    def finish_update(self, grad_clip: float, apply: bool) -> torch.Tensor | None:
-        """Unscale, measure (and clip) the gradient norm, step; or drop the gradients when not ``apply``."""
+    def finish_update(self, grad_clip: float, apply: bool, measure: bool = True) -> torch.Tensor | None:
+        """Unscale, clip (or just measure) the gradient norm, step; or drop the gradients when not ``apply``.
+
+        Without clipping the norm is only computed when ``measure``: on tiny models it costs as
+        much as the optimizer step itself.
+        """
         norm = None
-        params = [p for p in self.parameters() if p.grad is not None]
-        if apply and params:
+        if apply:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf, foreach=True)
+            if grad_clip > 0 or measure:
+                grads = [p.grad for p in self.parameters() if p.grad is not None]
+                if grad_clip > 0:
+                    norm = torch.nn.utils.clip_grad_norm_(self.parameters(), grad_clip, foreach=True)
+                elif grads:
+                    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -193,7 +240,7 @@ def build_engines(
         params = param_groups(name, model) if param_groups else [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, optimizer_cfg)
         mult = lr_multiplier(optimizer_cfg.schedule, optimizer_cfg.warmup_steps, iterations, optimizer_cfg.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, mult)
+        scheduler = LRSchedule(optimizer, mult)
         engines[name] = Engine(name, model, optimizer, scheduler, device=device, amp_dtype=amp_dtype)
     return Engines(engines)
 

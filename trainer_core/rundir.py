@@ -13,6 +13,19 @@ from pathlib import Path
 RUNS_ROOT = Path("runs")
 
 
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked."""
+
+
+def check_fresh_or_resume(run_dir: Path, resume: bool) -> None:
+    """A fresh run must not mix its checkpoints and curves with another run's."""
+    if not resume and (run_dir / "checkpoints" / "latest").exists():
+        raise RunDirError(
+            f"{run_dir} already holds checkpoints of another run; pass --resume to continue it, "
+            "or choose a new --run-dir"
+        )
+
+
 def recipe_short_name(recipe_spec: str) -> str:
     """``pkg.mod:build`` -> ``mod``; ``path/to/file.py:build`` -> ``file``; ``demo`` -> ``demo``."""
     target = recipe_spec.split(":", 1)[0]
@@ -24,7 +37,8 @@ def resolve_run_dir(run_dir: str | Path | None, recipe_spec: str, resume: bool, 
     if run_dir is not None:
         path = Path(run_dir)
         if path.exists() and not path.is_dir():
-            raise ValueError(f"run directory {path} exists and is not a directory")
+            raise RunDirError(f"run directory {path} exists and is not a directory")
+        check_fresh_or_resume(path, resume)
         return path
     name = recipe_short_name(recipe_spec)
     if resume:

@@ -50,6 +50,7 @@ class StepRunner:
         self.s = session
         self.accumulation = trainer_cfg.grad_accumulation
         self.grad_clip = trainer_cfg.grad_clip
+        self.grad_norm_every = trainer_cfg.grad_norm_every
         self.names = list(session.engines)
         self.single = len(self.names) == 1
         self.engines = list(session.engines.values())
@@ -89,7 +90,8 @@ class StepRunner:
                 stats[key] = stats.get(key, 0.0) + float(value) / self.accumulation
             samples += out.samples or 0
             tokens += out.tokens or 0
-        norms = [engine.finish_update(self.grad_clip, apply=finite) for engine in self.engines]
+        measure = (step + 1) % self.grad_norm_every == 0
+        norms = [engine.finish_update(self.grad_clip, apply=finite, measure=measure) for engine in self.engines]
         self._count_nonfinite(finite)
         elapsed = time.perf_counter() - start
         self.last_samples, self.last_tokens = samples, tokens

@@ -21,6 +21,7 @@ from trainer_core.checkpoint import CheckpointManager
 from trainer_core.config import Config, config_to_dict, dump_yaml
 from trainer_core.control import Controller
 from trainer_core.progress import RateMeter
+from trainer_core.rundir import check_fresh_or_resume
 from trainer_core.session import Session, build_session
 from trainer_core.signals import StopFlag
 from trainer_core.steps import StepRunner
@@ -108,6 +109,7 @@ class Trainer:
     # -- start / stop -------------------------------------------------------------------------
 
     def start(self, resume: bool) -> None:
+        check_fresh_or_resume(self.s.run_dir, resume)
         if self.leader:
             dump_yaml(self.cfg, self.s.run_dir / "config.yaml")
         for message in self.s.warnings:

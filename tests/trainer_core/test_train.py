@@ -31,9 +31,10 @@ def test_reaching_iterations_saves_a_final_checkpoint_and_exits_0(tmp_path: Path
 
 
 def test_every_step_writes_one_row_per_metric_to_the_store(tmp_path: Path) -> None:
-    train(tmp_path, small_config("trainer.iterations=5"))
+    train(tmp_path, small_config("trainer.iterations=5", "trainer.grad_norm_every=2"))
     assert [step for step, _ in losses(tmp_path)] == [1, 2, 3, 4, 5]
-    for name in ("train/lr", "train/grad_norm", "train/step_time", "train/steps_per_s", "train/accuracy",
+    assert [step for step, _ in losses(tmp_path, "train/grad_norm")] == [2, 4]
+    for name in ("train/lr", "train/step_time", "train/steps_per_s", "train/accuracy",
                  "train/tokens_per_s", "train/samples_per_s", "train/epoch"):
         assert len(losses(tmp_path, name)) == 5, name
 
@@ -149,3 +150,12 @@ def test_tensorboard_event_files_are_written_when_asked(tmp_path: Path) -> None:
     accumulator = EventAccumulator(str(tmp_path / "tensorboard"))
     accumulator.Reload()
     assert [event.step for event in accumulator.Scalars("train/loss")] == [1, 2, 3]
+
+
+def test_a_fresh_run_refuses_a_run_directory_with_checkpoints(tmp_path: Path) -> None:
+    from trainer_core.rundir import RunDirError
+
+    train(tmp_path, small_config("trainer.iterations=2"))
+    with pytest.raises(RunDirError, match="--resume"):
+        train(tmp_path, small_config("trainer.iterations=2"))
+    assert [c["step"] for c in list_checkpoints(tmp_path)] == [2]
