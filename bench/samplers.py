@@ -11,7 +11,7 @@
 
 Figures are medians of ``--repeats`` runs, baseline and candidate interleaved; CPU seconds are
 printed next to wall-clock ones because a shared machine's load stretches the latter.
-Run: ``.venv/bin/python bench/samplers.py [--repeats 3]``
+Run: ``.venv/bin/python bench/samplers.py [--repeats 3] [--only random|batched|pool]...``
 """
 
 from __future__ import annotations
@@ -204,6 +204,7 @@ def bench_batched(repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported")
+    parser.add_argument("--only", choices=["random", "batched", "pool"], action="append", help="run only these parts")
     parser.add_argument("--memory", nargs=2, metavar=("KIND", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory:
@@ -212,9 +213,10 @@ def main() -> None:
     random.seed(0)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
           f"median of {args.repeats} runs")
-    bench_random(args.repeats)
-    bench_batched(args.repeats)
-    bench_pool(args.repeats)
+    parts = {"random": bench_random, "batched": bench_batched, "pool": bench_pool}
+    for name, bench in parts.items():
+        if not args.only or name in args.only:
+            bench(args.repeats)
 
 
 if __name__ == "__main__":
