@@ -99,7 +99,10 @@ class DataFeed:
         return self.epoch + self.consumed / self.batches_per_epoch
 
     def state_dict(self) -> dict[str, Any]:
-        position = self.consumed if self.batched else self.consumed * self.batch_size
+        if self.consumed >= self.batches_per_epoch:
+            position = len(self.sampler)  # a short or dropped last batch: the epoch is simply done
+        else:
+            position = self.consumed if self.batched else self.consumed * self.batch_size
         return {
             EPOCH: self.epoch,
             CONSUMED: self.consumed,
