@@ -159,3 +159,15 @@ def test_a_fresh_run_refuses_a_run_directory_with_checkpoints(tmp_path: Path) ->
     with pytest.raises(RunDirError, match="--resume"):
         train(tmp_path, small_config("trainer.iterations=2"))
     assert [c["step"] for c in list_checkpoints(tmp_path)] == [2]
+
+
+def test_activation_offload_trains_the_demo_to_the_same_losses(tmp_path: Path) -> None:
+    train(tmp_path / "plain", small_config("trainer.iterations=4", "recipe.layers=2"))
+    code, channel = train(tmp_path / "offload", small_config("trainer.iterations=4", "recipe.layers=2",
+                                                             "optimizations.unsloth=true",
+                                                             "optimizations.measure_activations=true"))
+    assert code == 0
+    assert losses(tmp_path / "offload") == losses(tmp_path / "plain")
+    notes = [e["data"]["message"] for e in channel.of_type("event") if e["kind"] == "info"]
+    assert any("offload" in note for note in notes)
+    assert len(losses(tmp_path / "offload", "train/activation_bytes")) == 4
