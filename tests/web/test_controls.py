@@ -67,7 +67,12 @@ def test_lr_change_shows_on_the_lr_chart_as_a_marker_and_a_new_value(page: Any) 
     page.get_by_role("button", name="Set", exact=True).click()
     expect(event_log(page)).to_contain_text("✓ lr 0.0005: lr set to 0.0005", timeout=RESULT_TIMEOUT_MS)
     lr_chart = page.get_by_role("figure", name="train/lr", exact=True)
-    expect(lr_chart.get_by_role("img", name=re.compile(r"step \d+: lr → 5e-4"))).not_to_have_count(0)
+    marker = lr_chart.get_by_role("img", name=re.compile(r"step \d+: lr → 5e-4")).last
+    expect(marker).to_be_attached()
+    box = marker.bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    expect(marker).to_have_class(re.compile(r"\bactive\b"))
     expect(page.locator("#status-lr")).to_have_text("5e-4", timeout=RESULT_TIMEOUT_MS)
     page.wait_for_function(
         "Math.abs(Number(document.querySelector('figure.chart[data-metric=\"train/lr\"]')?.dataset.lastValue) - 5e-4)"

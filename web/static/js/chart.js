@@ -66,6 +66,7 @@ export class MetricChart {
     this.figure.append(caption, this.plotEl);
     this.markerLayer = null;
     this.dragging = false;
+    this.pointerX = null;
   }
 
   get source() {
@@ -131,6 +132,17 @@ export class MetricChart {
     this.plot.over.addEventListener("mousedown", () => {
       this.dragging = true;
     });
+    // Marker tips follow the real pointer (uPlot's cursor snaps to data points and is mirrored
+    // on synced charts): only the chart under the pointer shows one.
+    const over = this.plot.over;
+    over.addEventListener("mousemove", (e) => {
+      this.pointerX = e.clientX - over.getBoundingClientRect().left;
+      this.markerLayer?.hover(this.pointerX);
+    });
+    over.addEventListener("mouseleave", () => {
+      this.pointerX = null;
+      this.markerLayer?.hover(-Infinity);
+    });
     this.placeMarkers(this.plot);
     this.dirty = false;
   }
@@ -166,6 +178,7 @@ export class MetricChart {
     if (!this.markerLayer) return;
     const width = u.over.clientWidth || u.bbox.width / (window.devicePixelRatio || 1);
     this.markerLayer.render(this.board.markers, (step) => u.valToPos(step, "x"), width);
+    if (this.pointerX !== null) this.markerLayer.hover(this.pointerX);
   }
 
   onSelect(u) {

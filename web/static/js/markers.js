@@ -9,6 +9,8 @@ import { formatBytes, formatLr, formatValue } from "./format.js";
 export const MARKER_KINDS = new Set(["lr", "checkpoint", "eval", "export", "pause", "resume"]);
 
 const MERGE_PX = 6;
+// How close the cursor must come to a marker to show its tooltip.
+const HOVER_PX = 5;
 const MAX_TIP_LINES = 6;
 
 function basename(path) {
@@ -86,13 +88,28 @@ function groupTip(items) {
   return lines.join("\n");
 }
 
-/** Keeps one chart's marker elements in sync with the markers and its current x scale. */
+/**
+ * Keeps one chart's marker elements in sync with the markers and its current x scale. The
+ * elements never take the pointer (a drag to zoom may start anywhere); the chart reports the
+ * cursor position instead and the nearest marker shows its tooltip.
+ */
 export class MarkerLayer {
   constructor(host) {
     this.layer = document.createElement("div");
     this.layer.className = "markers";
     host.appendChild(this.layer);
     this.pool = [];
+    this.placed = [];
+  }
+
+  /** Show the tooltip of the marker nearest to x (CSS pixels in the plot), if one is close. */
+  hover(x) {
+    let best = null;
+    for (const p of this.placed) {
+      const d = Math.abs(p.x - x);
+      if (d <= HOVER_PX && (best === null || d < best.d)) best = { d, el: p.el };
+    }
+    for (const p of this.placed) p.el.classList.toggle("active", best !== null && p.el === best.el);
   }
 
   render(markers, toX, width) {
@@ -104,6 +121,7 @@ export class MarkerLayer {
       this.layer.appendChild(el);
       this.pool.push(el);
     }
+    this.placed = groups.map((g, i) => ({ x: g.x, el: this.pool[i] }));
     groups.forEach((g, i) => {
       const el = this.pool[i];
       const first = g.items[0];
@@ -117,6 +135,9 @@ export class MarkerLayer {
       el.setAttribute("aria-label", tip);
       el.classList.toggle("tip-left", g.x > width / 2);
     });
-    for (let i = groups.length; i < this.pool.length; i += 1) this.pool[i].hidden = true;
+    for (let i = groups.length; i < this.pool.length; i += 1) {
+      this.pool[i].hidden = true;
+      this.pool[i].classList.remove("active");
+    }
   }
 }
