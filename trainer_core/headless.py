@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from trainer_core.channel import CommandRequest
+from trainer_core.channel import CommandRequest, NullChannel
 from trainer_core.config import Config
 from trainer_core.progress import format_duration
 
@@ -153,8 +153,11 @@ class StdinChannel:
 
 
 def run_headless(recipe: str, config: Config, run_dir: Path, *, resume: bool) -> int:
+    from trainer_core import distributed
     from trainer_core.train import run
 
+    if not distributed.is_leader():
+        return run(recipe, config, Path(run_dir), resume=resume, channel=NullChannel())
     print(f"Run directory: {run_dir}", flush=True)
     channel = StdinChannel(sys.stdin, sys.stdout, log_every=config.trainer.log_every)
     return run(recipe, config, Path(run_dir), resume=resume, channel=channel)

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from trainer_core import distributed, rng
-from trainer_core.channel import Channel
-from trainer_core.checkpoint import CheckpointManager
+from trainer_core.channel import Channel, NullChannel
+from trainer_core.checkpoint import CheckpointManager, step_dir_name
 from trainer_core.config import Config, config_to_dict, dump_yaml
 from trainer_core.control import Controller
 from trainer_core.progress import RateMeter
@@ -27,6 +27,7 @@ from trainer_core.signals import StopFlag
 from trainer_core.steps import StepRunner
 
 POLL_INTERVAL_S = 0.01
+DISTRIBUTED_POLL_STEPS = 10
 PAUSED_POLL_S = 0.05
 
 STEP = "step"
@@ -57,7 +58,10 @@ def run(
         stop.install()
     trainer: Trainer | None = None
     try:
-        trainer = Trainer(build_session(recipe, config, Path(run_dir)), channel, stop)
+        session = build_session(recipe, config, Path(run_dir))
+        if not distributed.is_leader():
+            channel = NullChannel()  # only rank 0 talks to the outside world
+        trainer = Trainer(session, channel, stop)
         trainer.start(resume)
         return trainer.loop()
     except BaseException as exc:
@@ -120,7 +124,9 @@ class Trainer:
         self.emit_event("start", {"resume_from": resumed_from, "pid": os.getpid(), "iterations": self.iterations})
 
     def _resume(self) -> str | None:
-        self.checkpoints.clean_partial()
+        if self.leader:
+            self.checkpoints.clean_partial()
+        distributed.barrier()
         found = self.checkpoints.load_latest()
         for path, reason in self.checkpoints.skipped:
             self.emit_event("alert", {"level": "warning", "message": f"skipped checkpoint {path}: {reason}"})
@@ -173,24 +179,35 @@ class Trainer:
         self.rate.mark_idle()
 
     def _service(self, now: float | None = None, force: bool = False) -> None:
-        """Commands, scheduled commands, signals and status, at most every POLL_INTERVAL_S."""
+        """Commands, scheduled commands, signals and status, at most every POLL_INTERVAL_S.
+
+        With several ranks the poll is collective, so it happens on a step schedule that every
+        rank shares rather than on each rank's own clock.
+        """
         self.controller.run_due()
         now = time.perf_counter() if now is None else now
-        if not force and now < self._next_poll:
+        if distributed.is_initialized():
+            if not force and self.step % DISTRIBUTED_POLL_STEPS:
+                return
+        elif not force and now < self._next_poll:
             return
         self._next_poll = now + POLL_INTERVAL_S
-        for request in self._requests():
+        requests, stop_signal = self._exchange()
+        for request in requests:
             self.controller.submit(request.id, request.line, source="remote")
             self.rate.mark_idle()
-        if self.stop.requested and self.quit_reason is None:
-            self.quit_reason = f"signal {self.stop.signal_name}"
+        if stop_signal and self.quit_reason is None:
+            self.quit_reason = f"signal {stop_signal}"
         if force or now >= self._next_status:
             self._next_status = now + self.cfg.trainer.status_every_s
             self.channel.send(self.status())
 
-    def _requests(self) -> list[Any]:
-        requests = self.channel.poll() if self.leader else []
-        return distributed.broadcast_object(requests) if distributed.is_initialized() else requests
+    def _exchange(self) -> tuple[list[Any], str | None]:
+        """The leader's command requests and stop signal, as every rank sees them."""
+        mine = (self.channel.poll(), self.stop.signal_name if self.stop.requested else None)
+        if not distributed.is_initialized():
+            return mine
+        return distributed.broadcast_object(mine if self.leader else None)
 
     def _wait_paused(self) -> None:
         time.sleep(PAUSED_POLL_S)
@@ -222,17 +239,26 @@ class Trainer:
     # -- actions (trainer_core.control.Actions) -------------------------------------------------
 
     def save(self) -> Path:
-        path = self.checkpoints.save(self.step, self.checkpoint_parts())
+        parts = self.checkpoint_parts()  # collective: every rank contributes its RNG and data position
+        if self.leader:
+            path = self.checkpoints.save(self.step, parts)
+        else:
+            path = self.checkpoints.root / step_dir_name(self.step)
+        distributed.barrier()
         self.last_saved_step = self.step
         self.last_checkpoint = str(path)
-        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-        self.emit_event("checkpoint", {"path": str(path), "bytes": size})
+        if self.leader:
+            size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+            self.emit_event("checkpoint", {"path": str(path), "bytes": size})
         if self.cfg.trainer.export_on_save:
             self.export(None)
         return path
 
     def export(self, name: str | None) -> Path:
-        path = self.s.export(name or f"step_{self.step:08d}", self.step)
+        name = name or f"step_{self.step:08d}"
+        if not self.leader:
+            return self.s.run_dir / "exports" / f"{name}.safetensors"
+        path = self.s.export(name, self.step)
         self.emit_event("export", {"path": str(path), "name": path.stem})
         return path
 
