@@ -42,6 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 SPEC = f"{Path(__file__).resolve()}:build"
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 DASHBOARD_RE = re.compile(r"Dashboard: (http://([^/]+))/\?token=(\S+)")
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(REPO)  # run as a script: the package `server`, not this file, must win
 
 
 # -- the synthetic recipe (loaded by the trainer process from this file) -----------------------
@@ -178,12 +180,6 @@ class Served:
                 raise RuntimeError("the trainer did not start")
             time.sleep(0.2)
 
-    def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
-
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -227,45 +223,118 @@ def bench_loop(args: argparse.Namespace) -> None:
 
 # -- (b) fan-out -----------------------------------------------------------------------------------
 
-def stalled_socket(served: Served) -> socket.socket:
+class InProcessServer:
+    """The real app (read-only, over an empty run) under uvicorn in a thread of this process.
+
+    A publisher thread feeds its hub at a fixed rate, the way the supervisor's pipe reader does,
+    so the fan-out is measured at exactly the target rate whatever a trainer could reach here.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        from server.app import create_app
+        from server.auth import new_token
+        from server.serve import Server, bind_socket, uvicorn_config
+        from server.settings import ServerSettings
+
+        self.sock = bind_socket("127.0.0.1", 0)
+        self.port = self.sock.getsockname()[1]
+        self.settings = ServerSettings(token=new_token(), run_dir=run_dir, port=self.port, read_only=True)
+        self.app = create_app(self.settings)
+        self.server = Server(uvicorn_config(self.app, self.settings), on_stop=lambda: None, on_abort=lambda: None)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        self.hostport = f"127.0.0.1:{self.port}"
+        self.token = self.settings.token
+        self.ws_url = f"ws://{self.hostport}/ws"
+
+    def _run(self) -> None:
+        self.loop.run_until_complete(self.server.serve(sockets=[self.sock]))
+
+    def publish_for(self, seconds: float, rate: float, stop: threading.Event) -> int:
+        """Metrics messages at ``rate``/s in 10 ms batches (like the trainer's pipe); returns the count."""
+        hub = self.app.state.ctx.hub
+        per_batch = max(1, round(rate / 100))
+        sent, start = 0, time.perf_counter()
+        while not stop.is_set() and time.perf_counter() - start < seconds:
+            now = time.time()
+            batch = [{"type": "metrics", "step": sent + i, "time": now,
+                      "values": {"train/loss": 1.0, "train/lr": 1e-3, "train/grad_norm": 0.5}}
+                     for i in range(per_batch)]
+            self.loop.call_soon_threadsafe(lambda b=batch: [hub.broadcast(m) for m in b])
+            sent += per_batch
+            time.sleep(max(0.0, start + sent / rate - time.perf_counter()))
+        return sent
+
+    def stats(self) -> dict[str, int]:
+        future = asyncio.run_coroutine_threadsafe(_stats(self.app.state.ctx.hub), self.loop)
+        return future.result(30)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+async def _stats(hub: Any) -> dict[str, int]:
+    return hub.stats()
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def stalled_socket(server: InProcessServer) -> socket.socket:
     """Handshake, then never read (a tiny receive buffer makes the stall bite at once)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-    sock.connect(("127.0.0.1", served.port))
+    sock.connect(("127.0.0.1", server.port))
     key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET /ws HTTP/1.1\r\nHost: {served.hostport}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    sock.sendall((f"GET /ws HTTP/1.1\r\nHost: {server.hostport}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                   f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                  f"Authorization: Bearer {served.token}\r\n\r\n").encode())
+                  f"Authorization: Bearer {server.token}\r\n\r\n").encode())
     head = b""
     while b"\r\n\r\n" not in head:
         head += sock.recv(1)
     return sock
 
 
-async def collect_latencies(served: Served, clients: int, duration: float) -> tuple[list[float], int]:
+async def client_latencies(url: str, token: str, clients: int, duration: float) -> list[float]:
+    """Run in a separate process: ``clients`` readers; latency = receive time - publish time.
+
+    Prints ``ready`` once every client is connected, so the publisher starts the clock then.
+    """
     from websockets.asyncio.client import connect
 
     latencies: list[float] = []
-    received = 0
+    sockets = [await connect(url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=60,
+                             max_queue=None) for _ in range(clients)]
+    print("ready", flush=True)
+    end = time.time() + duration
 
-    async def client() -> None:
-        nonlocal received
-        async with connect(served.ws_url, additional_headers=served.headers, open_timeout=60,
-                           max_queue=None) as ws:
-            end = time.time() + duration
-            while time.time() < end:
-                try:
-                    text = await asyncio.wait_for(ws.recv(), timeout=max(end - time.time(), 0.01))
-                except TimeoutError:
-                    break
-                now = time.time()
-                message = json.loads(text)
-                received += 1
-                if message["type"] == "metrics":
-                    latencies.append(now - message["time"])
+    async def read(ws: Any) -> None:
+        while (left := end - time.time()) > 0:
+            try:
+                text = await asyncio.wait_for(ws.recv(), timeout=left)
+            except TimeoutError:
+                break
+            now = time.time()
+            message = json.loads(text)
+            if message["type"] == "metrics":
+                latencies.append(now - message["time"])
+        await ws.close()
 
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return latencies, received
+    await asyncio.gather(*(read(ws) for ws in sockets))
+    return latencies
+
+
+def run_clients(server: InProcessServer, clients: int, duration: float) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, __file__, "--clients-of", server.ws_url, server.token, str(clients),
+                             str(duration)], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -273,52 +342,48 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def fanout_phase(served: Served, stalled: bool, duration: float) -> tuple[float, float, float, list[int]]:
-    rss: list[int] = []
-    done = threading.Event()
+def fanout_phase(server: InProcessServer, stalled: bool, duration: float, rss: list[int]) -> tuple[float, float, float]:
+    sock = stalled_socket(server) if stalled else None
+    clients = run_clients(server, 19, duration + 2)
+    assert clients.stdout is not None and clients.stdout.readline().strip() == "ready"
+    stop = threading.Event()
 
-    def sample() -> None:
-        while not done.wait(1.0):
-            rss.append(served.rss_kib())
+    def sample_rss() -> None:
+        while not stop.wait(1.0):
+            rss.append(rss_kib(os.getpid()))
 
-    sampler = threading.Thread(target=sample, daemon=True)
+    sampler = threading.Thread(target=sample_rss, daemon=True)
     sampler.start()
-    sock = stalled_socket(served) if stalled else None
-    try:
-        latencies, received = asyncio.run(collect_latencies(served, 19, duration))
-    finally:
-        done.set()
-        sampler.join()
-        if sock is not None:
-            sock.close()
-    rate_per_client = received / 19 / duration
-    return percentile(latencies, 0.5), percentile(latencies, 0.99), rate_per_client, rss
+    sent = server.publish_for(duration, 1000.0, stop)
+    stop.set()
+    out, _ = clients.communicate(timeout=120)
+    if sock is not None:
+        sock.close()
+    latencies = json.loads(out)
+    return percentile(latencies, 0.5), percentile(latencies, 0.99), len(latencies) / 19 / max(sent, 1)
 
 
 def bench_fanout(args: argparse.Namespace) -> None:
-    print(f"\n(b) fan-out: ~1000 metrics messages/s to 20 clients, {args.duration:g} s per phase (p50/p99 ms)")
+    print(f"\n(b) fan-out: 1000 metrics messages/s to 20 clients, {args.duration:g} s per phase")
+    rss: list[int] = []
     with tempfile.TemporaryDirectory() as tmp:
-        served = Served(10**9, 1.0, "sleep", Path(tmp) / "run")
+        server = InProcessServer(Path(tmp))
         try:
-            served.wait_running()
-            rows = []
-            for _ in range(args.repeats):
-                rows.append((fanout_phase(served, False, args.duration), fanout_phase(served, True, args.duration)))
-            stats = served.status()
+            fanout_phase(server, False, min(args.duration, 3.0), [])  # warm-up, not measured
+            rows = [(fanout_phase(server, False, args.duration, rss), fanout_phase(server, True, args.duration, rss))
+                    for _ in range(args.repeats)]
+            stats = server.stats()
         finally:
-            served.stop()
-    p50s = [statistics.median(r[i][0] for r in rows) * 1000 for i in (0, 1)]
-    p99s = [statistics.median(r[i][1] for r in rows) * 1000 for i in (0, 1)]
-    msgs = [statistics.median(r[i][2] for r in rows) for i in (0, 1)]
-    print(f"{'':>22} {'p50':>8} {'p99':>8} {'msg/s/client':>13}")
-    print(f"{'19 live, none stalled':>22} {p50s[0]:>8.2f} {p99s[0]:>8.2f} {msgs[0]:>13.0f}")
-    print(f"{'19 live + 1 stalled':>22} {p50s[1]:>8.2f} {p99s[1]:>8.2f} {msgs[1]:>13.0f}")
-    print(f"p99 ratio stalled/none: {p99s[1] / p99s[0]:.2f} (target <= 1.2); p50 ratio {p50s[1] / p50s[0]:.2f}")
-    rss = [kib for r in rows for phase in r for kib in phase[3]]
-    if rss:
-        print(f"server RSS over the run: first {rss[0] / 1024:.1f} MiB, max {max(rss) / 1024:.1f} MiB, "
-              f"last {rss[-1] / 1024:.1f} MiB; ws clients dropped: {stats['ws_dropped_clients']}, "
-              f"messages thinned: {stats['ws_dropped_messages']}")
+            server.close()
+    p50 = [statistics.median(r[i][0] for r in rows) * 1000 for i in (0, 1)]
+    p99 = [statistics.median(r[i][1] for r in rows) * 1000 for i in (0, 1)]
+    got = [statistics.median(r[i][2] for r in rows) for i in (0, 1)]
+    print(f"{'':>24} {'p50 ms':>8} {'p99 ms':>8} {'delivered':>10}")
+    print(f"{'19 live, none stalled':>24} {p50[0]:>8.2f} {p99[0]:>8.2f} {got[0]:>10.1%}")
+    print(f"{'19 live + 1 stalled':>24} {p50[1]:>8.2f} {p99[1]:>8.2f} {got[1]:>10.1%}")
+    print(f"p99 ratio stalled/none: {p99[1] / p99[0]:.2f} (target <= 1.2); p50 ratio {p50[1] / p50[0]:.2f}")
+    print(f"server process RSS: first {rss[0] / 1024:.1f} MiB, max {max(rss) / 1024:.1f} MiB, "
+          f"last {rss[-1] / 1024:.1f} MiB; messages thinned for the stalled client: {stats['ws_dropped_messages']}")
 
 
 # -- (c) command round trip -----------------------------------------------------------------------
@@ -331,6 +396,8 @@ def bench_command(args: argparse.Namespace) -> None:
         served = Served(10**9, 1.0, "spin", Path(tmp) / "run")
         try:
             served.wait_running()
+            while not served.status().get("steps_per_s"):
+                time.sleep(0.2)
             step_s = 1 / served.status()["steps_per_s"]
             times = []
             with httpx.Client(base_url=served.base, headers=served.headers, timeout=60) as client:
@@ -353,7 +420,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per fan-out phase (target: 60)")
     parser.add_argument("--commands", type=int, default=200)
     parser.add_argument("--only", default="loop,fanout,command")
+    parser.add_argument("--clients-of", nargs=4, metavar=("URL", "TOKEN", "N", "SECONDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.clients_of:
+        url, token, n, seconds = args.clients_of
+        print(json.dumps(asyncio.run(client_latencies(url, token, int(n), float(seconds)))))
+        return
     torch.set_num_threads(1)
     parts = set(args.only.split(","))
     if "loop" in parts:

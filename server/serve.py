@@ -119,6 +119,7 @@ def uvicorn_config(app: Any, settings: ServerSettings) -> uvicorn.Config:
         log_level="warning",
         access_log=False,  # query strings may carry the token
         ws_max_size=settings.hub.max_frame_bytes,
+        ws_per_message_deflate=False,  # small JSON frames gain little; compressing per client costs a lot
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         lifespan="on",
         server_header=False,

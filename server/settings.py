@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.hub import HubLimits
+from trainer_core import __version__
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -46,7 +47,7 @@ class ServerSettings:
     port: int = 8000
     read_only: bool = False
     run_name: str = ""
-    version: str = ""
+    version: str = __version__
     extra_hosts: tuple[str, ...] = ()
     command_wait_s: float = DEFAULT_WAIT_S
     quit_timeout_s: float = DEFAULT_QUIT_TIMEOUT_S
