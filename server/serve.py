@@ -41,7 +41,9 @@ class ListenError(OSError):
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening socket, so ``--port 0`` knows its real port before anything is printed."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        # IPv4 first: "localhost" must be reachable as the browser will most likely resolve it.
+        found = sorted(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM), key=lambda a: a[0] != socket.AF_INET)
+        family, kind, proto, _, address = found[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import signal
 import sys
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from types import FrameType
@@ -32,7 +32,6 @@ class TrainerSpec:
     run_dir: str
     resume: bool = False
     nproc_per_node: int = 1
-    env: dict[str, str] = field(default_factory=dict)
 
 
 def main(conn: Connection, spec: TrainerSpec) -> None:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -56,14 +57,18 @@ def test_rest_command_answers_with_the_trainers_result(served: Served, name: str
     check_result(name, response.json())
 
 
+def first_word(line: str) -> str:
+    return re.split(r"[\s@]", line.strip(), maxsplit=1)[0]
+
+
 def ws_result(ws: ClientConnection, request: dict[str, Any], timeout: float = 90) -> dict[str, Any]:
     """Send one command and return the first result that answers it (results reach every client)."""
     ws.send(json.dumps({"type": "command", **request}))
-    word = (request.get("line") or request["command"]).split()[0]
+    word = first_word(request.get("line") or request["command"])
     deadline = time.monotonic() + timeout
     while True:
         message = next_message(ws, "result", timeout=max(deadline - time.monotonic(), 0.01))
-        if (message["command"] or "").split()[0] == word:
+        if first_word(message["command"] or "") == word:
             return message
 
 
@@ -99,6 +104,20 @@ def test_scheduled_commands_can_be_listed_and_cancelled(served: Served) -> None:
     assert any(e["id"] == entry_id for e in shown)
     assert served.command("event", {"action": "cancel", "id": entry_id}).status_code == 200
     assert served.command("event", {"action": "clear"}).status_code == 200
+
+
+def test_the_run_ending_commands_are_accepted_on_both_transports(served: Served) -> None:
+    """quit and eval_quit end the run (their effect: test_lifecycle.py); here scheduled far ahead."""
+    far = served.status()["step"] + 1_000_000
+    for name in ("quit", "eval_quit"):
+        response = served.command(name, {"at_step": far})
+        assert response.status_code == 200
+        assert response.json()["message"].startswith(f"scheduled '{name}' at step {far}")
+        with served.ws() as ws:
+            result = ws_result(ws, {"command": name, "at_step": far + 1})
+        assert result["ok"] is True and result["data"]["step"] == far + 1
+    assert served.command("event", {"action": "clear"}).json()["data"]["cleared"] == 4
+    assert served.status()["state"] == "paused"
 
 
 @pytest.mark.parametrize(("name", "body", "needle"), [
