@@ -248,10 +248,16 @@ class Supervisor:
 
     def _watch(self, proc: BaseProcess, generation: int, link_closed: threading.Event) -> None:
         proc.join()
+        exit_code = proc.exitcode
+        deadline = time.monotonic() + PIPE_DRAIN_S
+        while exit_code is None and time.monotonic() < deadline:
+            # another thread's poll() may be reaping the child right now; its code is set just after
+            time.sleep(0.01)
+            exit_code = proc.exitcode
         link_closed.wait(PIPE_DRAIN_S)  # let the reader hand over what the trainer wrote last
         if self._loop is not None and not self._loop.is_closed():
             with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._on_exit, generation, proc.exitcode)
+                self._loop.call_soon_threadsafe(self._on_exit, generation, exit_code)
 
     def _on_exit(self, generation: int, exit_code: int | None) -> None:
         if generation != self._generation:
