@@ -109,8 +109,9 @@ class StepRunner:
             return as_step_output(self.s.recipe.step(self.s.engines, batch), self.names)
 
     def _backward(self, losses: dict[str, torch.Tensor]) -> None:
-        scaled = [engine.backward_scale(losses[engine.name]) / self.accumulation
-                  for engine in self.engines if engine.name in losses]
+        scaled = [engine.backward_scale(losses[engine.name]) for engine in self.engines if engine.name in losses]
+        if self.accumulation > 1:
+            scaled = [loss / self.accumulation for loss in scaled]
         torch.autograd.backward(scaled)
 
     def _count_nonfinite(self, finite: bool) -> None:
