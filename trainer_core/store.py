@@ -70,6 +70,11 @@ def _metric_rows(step: int, values: Mapping[str, Any], now: float) -> list[Metri
         raise ValueError(f"metric values at step {step} must be numbers, got {bad!r}") from None
 
 
+def _expand(batch: list[tuple[int, Mapping[str, float | None], float]]) -> list[MetricRow]:
+    return [(step, name, None if value is None or value != value else value, now)
+            for step, values, now in batch for name, value in values.items()]
+
+
 def _event_json(kind: str, data: Mapping[str, Any] | None) -> tuple[dict[str, Any], str]:
     """The event's data and its JSON text; NaN/inf become null, since strict JSON has neither."""
     if data is not None and not isinstance(data, Mapping):
@@ -132,7 +137,8 @@ class MetricsStore:
         self._lock = threading.Lock()
         self._written = threading.Condition(self._lock)
         self._wake = threading.Event()
-        self._metrics: list[MetricRow] = []
+        self._metrics: list[tuple[int, Mapping[str, float | None], float]] = []  # (step, values, time)
+        self._pending_rows = 0
         self._events: list[EventRow] = []
         self._truncate: int | None = None
         self._queued = 0
@@ -146,15 +152,24 @@ class MetricsStore:
     # -- the loop's side: cheap, never touches disk ------------------------------------------
 
     def log_metrics(self, step: int, values: Mapping[str, float], time: float | None = None) -> None:
-        """Queue one row per metric for ``step``; NaN is stored as NULL."""
+        """Queue one row per metric for ``step``; NaN is stored as NULL.
+
+        The loop calls this every step, so plain float values are queued as the mapping itself
+        and turned into rows by the writer thread; anything else is checked here, so a bad value
+        is reported to the caller, not to the writer.
+        """
         step = operator.index(step)
         now = _time.time() if time is None else float(time)
-        rows = _metric_rows(step, values, now)
+        if not all(type(value) is float for value in values.values()):
+            values = {name: value for _, name, value, _ in _metric_rows(step, values, now)}
+        elif not all(type(name) is str and name for name in values):
+            _metric_rows(step, values, now)  # raises, naming the bad names
         with self._lock:
             self._check_open()
-            self._metrics.extend(rows)
+            self._metrics.append((step, values, now))
             self._queued += 1
-            pending = len(self._metrics)
+            self._pending_rows += len(values)
+            pending = self._pending_rows
         if pending >= self.batch_rows:
             self._wake.set()
 
@@ -183,7 +198,8 @@ class MetricsStore:
         step = operator.index(step)
         with self._lock:
             self._check_open()
-            self._metrics = [row for row in self._metrics if row[0] <= step]
+            self._metrics = [entry for entry in self._metrics if entry[0] <= step]
+            self._pending_rows = sum(len(values) for _, values, _ in self._metrics)
             self._truncate = step if self._truncate is None else min(self._truncate, step)
             self._queued += 1
         self.flush()
@@ -236,13 +252,14 @@ class MetricsStore:
             self._wake.wait(self.flush_interval)
             self._wake.clear()
             with self._lock:
-                metrics, self._metrics = self._metrics, []
+                batch, self._metrics = self._metrics, []
+                self._pending_rows = 0
                 events, self._events = self._events, []
                 truncate, self._truncate = self._truncate, None
                 target = self._queued
                 closing = self._closing
             try:
-                self._write(metrics, events, truncate)
+                self._write(_expand(batch), events, truncate)
             except BaseException as exc:  # reported by flush/close/log_*; the thread must not die silently
                 with self._written:
                     self._error = exc
