@@ -110,6 +110,19 @@ def test_a_second_ctrl_c_aborts_at_once(ctrl_c_run: Served) -> None:
     no_orphans(server.proc.pid)
 
 
+def test_a_killed_server_makes_the_trainer_save_and_exit(ctrl_c_run: Served) -> None:
+    server = ctrl_c_run
+    server.wait_step(2)
+    status = server.status()
+    server.signal(signal.SIGKILL)
+    server.wait_exit(30)
+    wait_until(lambda: not pid_alive(status["pid"]), 120, "the trainer to notice the closed pipe and exit")
+    no_orphans(server.proc.pid)
+    events = store_events(Path(status["run_dir"]), ("start", "checkpoint", "finish"))
+    assert [kind for kind, _ in events] == ["start", "checkpoint", "finish"]
+    assert events[-1][1]["reason"] == "quit"
+
+
 def test_headless_train_then_a_read_only_view_of_the_finished_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     options = [*TINY, "--set", "trainer.iterations=4"]  # the last --set wins
