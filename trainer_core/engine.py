@@ -22,6 +22,7 @@ SCALER = "scaler"
 SCHEDULE_STEP = "step"
 SCHEDULE_BASE_LRS = "base_lrs"
 
+_NO_AUTOCAST = nullcontext()  # reusable: entering it does nothing
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -125,7 +126,7 @@ class Engine:
 
     def autocast(self) -> Any:
         if self.amp_dtype is None:
-            return nullcontext()
+            return _NO_AUTOCAST
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def set_lr(self, value: float) -> float:

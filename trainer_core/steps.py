@@ -28,6 +28,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def as_step_output(out: Any, engine_names: list[str]) -> StepOutput:
+    if type(out) is torch.Tensor and len(engine_names) == 1:
+        return StepOutput({engine_names[0]: out})
     if isinstance(out, StepOutput):
         losses = out.losses
     elif isinstance(out, torch.Tensor):
@@ -55,6 +57,7 @@ class StepRunner:
         self.single = len(self.names) == 1
         self.engines = list(session.engines.values())
         self.autocast = self.engines[0].autocast
+        self.move_batches = session.device.type != "cpu"
         self.meter = session.activation_meter
         self.nonfinite_streak = 0
         self.nonfinite_total = 0
@@ -71,7 +74,9 @@ class StepRunner:
         finite = True
         activation_bytes = 0
         for _ in range(self.accumulation):
-            batch = to_device(self.s.feed.next(), self.s.device)
+            batch = self.s.feed.next()
+            if self.move_batches:
+                batch = to_device(batch, self.s.device)
             if self.meter is not None:
                 with self.meter:
                     out = self._forward(batch)
