@@ -43,7 +43,8 @@ class StoreTail:
         self.last_step: int | None = None
         self._last_status: dict[str, Any] | None = None
 
-    def _start_positions(self) -> None:
+    def skip_history(self) -> None:
+        """Start after what the store already holds: the page loads history over REST."""
         events = query_events(self.store, since_id=0, limit=100_000)
         self.last_event_id = events[-1]["id"] if events else 0
         self.last_step = last_step(self.store)
@@ -69,7 +70,7 @@ class StoreTail:
 
     async def run(self) -> None:
         with contextlib.suppress(StoreError):
-            await asyncio.to_thread(self._start_positions)
+            await asyncio.to_thread(self.skip_history)
         while True:
             await asyncio.sleep(self.poll_s)
             try:
