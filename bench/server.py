@@ -277,7 +277,7 @@ class InProcessServer:
         self.loop.run_until_complete(self.server.serve(sockets=[self.sock]))
 
     def publish_for(self, seconds: float, rate: float, stop: threading.Event) -> int:
-        """Metrics messages at ``rate``/s in 10 ms batches (like the trainer's pipe); returns the count."""
+        """Metrics messages at ``rate``/s in 10 ms batches, as a fast trainer's pipe delivers them."""
         hub = self.app.state.ctx.hub
         per_batch = max(1, round(rate / 100))
         sent, start = 0, time.perf_counter()
