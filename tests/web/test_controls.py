@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import pytest
@@ -62,6 +63,19 @@ def test_eval_shows_its_metrics_and_adds_eval_charts(page: Any) -> None:
     expect(page.get_by_role("img", name=re.compile(r"step \d+: eval")).first).to_be_attached()
 
 
+def hover_until_active(page: Any, marker: Any, timeout_s: float = 15.0) -> None:
+    """Point at the marker until its tooltip shows: live points rescale the axis and move it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        box = marker.bounding_box()
+        if box is not None:
+            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            if "active" in (marker.get_attribute("class") or "").split():
+                return
+        assert time.monotonic() < deadline, "the lr marker never showed its tooltip under the pointer"
+        page.wait_for_timeout(100)
+
+
 def test_lr_change_shows_on_the_lr_chart_as_a_marker_and_a_new_value(page: Any) -> None:
     page.get_by_label("Learning rate").fill("5e-4")
     page.get_by_role("button", name="Set", exact=True).click()
@@ -69,10 +83,7 @@ def test_lr_change_shows_on_the_lr_chart_as_a_marker_and_a_new_value(page: Any) 
     lr_chart = page.get_by_role("figure", name="train/lr", exact=True)
     marker = lr_chart.get_by_role("img", name=re.compile(r"step \d+: lr → 5e-4")).last
     expect(marker).to_be_attached()
-    box = marker.bounding_box()
-    assert box is not None
-    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-    expect(marker).to_have_class(re.compile(r"\bactive\b"))
+    hover_until_active(page, marker)
     expect(page.locator("#status-lr")).to_have_text("5e-4", timeout=RESULT_TIMEOUT_MS)
     page.wait_for_function(
         "Math.abs(Number(document.querySelector('figure.chart[data-metric=\"train/lr\"]')?.dataset.lastValue) - 5e-4)"
