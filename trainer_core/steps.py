@@ -84,9 +84,11 @@ class StepRunner:
             else:
                 out = self._forward(batch)
             losses = out.losses
-            values = {name: float(loss.detach()) for name, loss in losses.items()}
-            if not all(math.isfinite(v) for v in values.values()):
-                finite = False
+            values = {}
+            for name, loss in losses.items():
+                values[name] = value = float(loss.detach())
+                finite = finite and math.isfinite(value)
+            if not finite:
                 break
             self._backward(losses)
             for name, value in values.items():

@@ -160,10 +160,10 @@ class MetricsStore:
         """
         step = operator.index(step)
         now = _time.time() if time is None else float(time)
-        if not all(type(value) is float for value in values.values()):
-            values = {name: value for _, name, value, _ in _metric_rows(step, values, now)}
-        elif not all(type(name) is str and name for name in values):
-            _metric_rows(step, values, now)  # raises, naming the bad names
+        for name, value in values.items():  # a plain loop: this runs every step
+            if type(value) is not float or type(name) is not str or not name:
+                values = {name: value for _, name, value, _ in _metric_rows(step, values, now)}
+                break
         with self._lock:
             self._check_open()
             self._metrics.append((step, values, now))
