@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Any
 
 from trainer_core.checkpoint import latest_checkpoint
+from trainer_core.pid import pid_alive
 from trainer_core.store import StoreError, last_step, query_events
 
 LIFECYCLE_KINDS = ("start", "finish")
-
-
-def _pid_alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def stored_status(run_dir: Path) -> dict[str, Any]:
@@ -51,6 +39,6 @@ def stored_status(run_dir: Path) -> dict[str, Any]:
         status["exit_code"] = last["data"].get("exit_code", 0)
     else:
         pid = last["data"].get("pid")
-        status["state"] = "running" if _pid_alive(pid) else "crashed"
+        status["state"] = "running" if pid_alive(pid) else "crashed"
         status["pid"] = pid
     return status

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer_core import io
+from trainer_core.pid import pid_alive
 
 CHECKPOINTS_DIR = "checkpoints"
 EXPORTS_DIR = "exports"
@@ -89,15 +90,9 @@ def _remove_tree(path: Path) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid <= 0 or pid == os.getpid():
+    if pid == os.getpid():
         return False  # our own debris: this process is not saving while it cleans
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 # -- reading manifests ---------------------------------------------------------------------------

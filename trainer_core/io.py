@@ -35,6 +35,7 @@ import torch
 
 from trainer_core import io_safetensors
 from trainer_core.io_structure import Encoder, RefusedValue
+from trainer_core.pid import pid_alive
 
 TORCH_SUFFIXES = frozenset({".pt", ".pth"})
 SAFETENSORS_SUFFIXES = frozenset({".sft", ".safetensors"})
@@ -143,7 +144,7 @@ def remove_stale_temp_files(folder: str | os.PathLike[str], *, max_age_s: float 
             if match is None or not entry.is_file(follow_symlinks=False):
                 continue
             too_old = max_age_s is not None and _age_s(entry) > max_age_s
-            if too_old or not _pid_alive(int(match["pid"])):
+            if too_old or not pid_alive(int(match["pid"])):
                 Path(entry.path).unlink(missing_ok=True)
                 removed.append(Path(entry.path))
     return removed
@@ -151,16 +152,6 @@ def remove_stale_temp_files(folder: str | os.PathLike[str], *, max_age_s: float 
 
 def _age_s(entry: os.DirEntry[str]) -> float:
     return time.time() - entry.stat(follow_symlinks=False).st_mtime
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --------------------------------------------------------------------------- save / load
