@@ -242,7 +242,7 @@ class Supervisor:
         if self.state in ALIVE_STATES:
             if reported in (RUNNING, PAUSED):
                 self.state = reported
-            elif reported == FINISHED:
+            elif reported in (FINISHED, STOPPED):
                 self.state = FINISHED if self._finish_reason in (None, FINISHED) else STOPPED
         self._publish_status()
 

@@ -8,7 +8,7 @@ Message types (trainer -> outside), each a dict with a ``"type"`` key:
 
 ``metrics``  ``{"step": int, "time": float, "values": {name: float}}`` — may be coalesced or
              dropped by a slow transport (the store keeps every value anyway).
-``status``   ``{"state": "running"|"paused"|"finished", "step", "iterations", "lr", "eta_s",
+``status``   ``{"state": "running"|"paused"|"finished"|"stopped", "step", "iterations", "lr", "eta_s",
              "steps_per_s", "epoch", "last_checkpoint", "scheduled": [...], "pid"}``
 ``event``    ``{"id": int, "time": float, "step": int, "kind": str, "data": dict}`` — the same
              row that goes to the store's ``events`` table; never dropped.

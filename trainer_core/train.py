@@ -236,7 +236,7 @@ class Trainer:
         if reason != "finished" and t.export_on_quit:
             self._run_internal("export")
         self.emit_event("finish", {"exit_code": 0, "reason": reason})
-        self.channel.send(self.status(state="finished"))
+        self.channel.send(self.status(state="finished" if reason == "finished" else "stopped"))
         return 0
 
     def close(self) -> None:

@@ -90,6 +90,7 @@ def test_scheduled_quit_stops_at_that_step_and_saves(tmp_path: Path) -> None:
     assert [step for step, _ in losses(tmp_path)][-1] == 4
     assert [c["step"] for c in list_checkpoints(tmp_path)] == [4]
     assert channel.result_for("quit@4")["ok"]
+    assert channel.of_type("status")[-1]["state"] == "stopped"
 
 
 def test_scheduled_commands_survive_a_resume(tmp_path: Path) -> None:
