@@ -74,14 +74,6 @@ def edge_crc32(path: Path, size: int) -> int:
     return crc
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove_tree(path: Path) -> None:
     """Delete a folder without ever leaving a half-deleted ``step_*`` behind: rename it away first."""
     trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
@@ -243,7 +235,7 @@ class CheckpointManager:
             manifest = {K_FORMAT: MANIFEST_FORMAT, K_VERSION: MANIFEST_VERSION, K_STEP: step,
                         K_TIME: time.time(), K_FILES: files}
             io.json_write(manifest, staging / MANIFEST, pretty=True)
-            _fsync_dir(staging)
+            io.fsync_dir(staging)
             self._commit(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -308,7 +300,7 @@ class CheckpointManager:
                 entry.unlink(missing_ok=True)
             removed.append(entry)
         if removed:
-            _fsync_dir(self.root)
+            io.fsync_dir(self.root)
         return removed
 
     # -- internals --------------------------------------------------------------------------
@@ -328,7 +320,7 @@ class CheckpointManager:
                 shutil.rmtree(old)
             os.rename(final, old)
         os.rename(staging, final)
-        _fsync_dir(self.root)
+        io.fsync_dir(self.root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -372,7 +364,7 @@ class CheckpointManager:
             except CheckpointError:
                 continue
             os.rename(entry, final)
-            _fsync_dir(self.root)
+            io.fsync_dir(self.root)
             _log.warning("recovered checkpoint %s from an interrupted save", final)
 
 

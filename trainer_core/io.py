@@ -81,7 +81,8 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or a new entry in ``folder`` durable."""
     fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -115,7 +116,7 @@ def atomic_open(path: str | os.PathLike[str], *, fsync: bool = True, mode: int =
             raise OSError(e.errno, e.strerror, str(final)) from e
         raise
     if fsync:
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | memoryview, *,
