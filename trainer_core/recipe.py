@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from trainer_core.checkpoint import step_dir_name
+
 if TYPE_CHECKING:
     from trainer_core.config import Config
     from trainer_core.engine import Engines
@@ -52,7 +54,7 @@ class EvalContext:
 
     @property
     def samples_dir(self) -> Path:
-        path = self.run_dir / "samples" / f"step_{self.step:08d}"
+        path = self.run_dir / "samples" / step_dir_name(self.step)
         path.mkdir(parents=True, exist_ok=True)
         return path
 

@@ -262,7 +262,7 @@ class Trainer:
         return path
 
     def export(self, name: str | None) -> Path:
-        name = name or f"step_{self.step:08d}"
+        name = name or step_dir_name(self.step)
         if not self.leader:
             return self.s.run_dir / "exports" / f"{name}.safetensors"
         path = self.s.export(name, self.step)
