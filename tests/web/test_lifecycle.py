@@ -8,6 +8,7 @@ from a running trainer and leaves one running.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,10 +155,16 @@ def test_the_page_reconnects_and_refetches_history_after_a_server_restart(open_t
     expect(connection).to_have_text(re.compile("reconnecting"), timeout=LONG_MS)
     expect(connection).to_have_attribute("data-state", "reconnecting")
 
+    # Listen before the restart: the page may reconnect and refetch while the server is still starting up.
+    history: list[Any] = []
+    page.on("response", lambda r: history.append(r) if "/api/metrics" in r.url else None)
     faulty.start(port=port, token=token, resume=True)
-    with page.expect_response(lambda r: "/api/metrics" in r.url, timeout=LONG_MS) as history:
-        expect(connection).to_have_text("live", timeout=LONG_MS)
-    assert history.value.ok
+    expect(connection).to_have_text("live", timeout=LONG_MS)
+    deadline = time.monotonic() + LONG_MS / 1000
+    while not history:
+        assert time.monotonic() < deadline, "no /api/metrics request after the reconnect"
+        page.wait_for_timeout(100)
+    assert all(response.ok for response in history)
     faulty.live.wait_for_state("running")
     expect(state_badge(page)).to_have_text("running", timeout=LONG_MS)
     wait_for_last_step(page, "train/loss", last_step(page, "train/loss"), LONG_MS)
