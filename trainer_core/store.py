@@ -23,6 +23,7 @@ query a run while it trains (WAL mode lets readers and the writer proceed togeth
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import operator
@@ -42,7 +43,8 @@ SCHEMA = (
     "CREATE TABLE IF NOT EXISTS events(id INTEGER PRIMARY KEY, time REAL, step INTEGER, kind TEXT, data TEXT)",
     store_blocks.SCHEMA,
 )
-INSERT_METRIC = "INSERT OR REPLACE INTO metrics(step, name, value, time) VALUES (?, ?, ?, ?)"
+INSERT_METRICS = "INSERT OR REPLACE INTO metrics(step, name, value, time) VALUES "
+MAX_ROWS_PER_INSERT = 4096
 INSERT_EVENT = "INSERT OR REPLACE INTO events(id, time, step, kind, data) VALUES (?, ?, ?, ?, ?)"
 
 FLUSH_INTERVAL_S = 0.25
@@ -70,9 +72,31 @@ def _metric_rows(step: int, values: Mapping[str, Any], now: float) -> list[Metri
         raise ValueError(f"metric values at step {step} must be numbers, got {bad!r}") from None
 
 
-def _expand(batch: list[tuple[int, Mapping[str, float | None], float]]) -> list[MetricRow]:
-    return [(step, name, None if value is None or value != value else value, now)
-            for step, values, now in batch for name, value in values.items()]
+def _flatten(batch: list[tuple[int, Mapping[str, float | None], float]]) -> tuple[list[Any], dict[str, list[int]]]:
+    """The batch as one flat parameter list (step, name, value, time per row) and each name's lowest and highest step.
+
+    The writer binds many rows to one statement: ``executemany`` would release and retake the GIL
+    once per row, and every retake may have to wait for the training thread.
+    """
+    flat: list[Any] = []
+    extend = flat.extend
+    spans: dict[str, list[int]] = {}
+    for step, values, now in batch:
+        for name, value in values.items():
+            extend((step, name, None if value is None or value != value else value, now))
+            span = spans.get(name)
+            if span is None:
+                spans[name] = [step, step]
+            elif step > span[1]:
+                span[1] = step
+            elif step < span[0]:
+                span[0] = step
+    return flat, spans
+
+
+@functools.cache
+def _insert_statement(rows: int) -> str:
+    return INSERT_METRICS + ", ".join(["(?, ?, ?, ?)"] * rows)
 
 
 def _event_json(kind: str, data: Mapping[str, Any] | None) -> tuple[dict[str, Any], str]:
@@ -158,18 +182,19 @@ class MetricsStore:
         and turned into rows by the writer thread; anything else is checked here, so a bad value
         is reported to the caller, not to the writer.
         """
-        step = operator.index(step)
+        if type(step) is not int:
+            step = operator.index(step)
         now = _time.time() if time is None else float(time)
         for name, value in values.items():  # a plain loop: this runs every step
             if type(value) is not float or type(name) is not str or not name:
                 values = {name: value for _, name, value, _ in _metric_rows(step, values, now)}
                 break
         with self._lock:
-            self._check_open()
+            if self._closing or self._error is not None:
+                self._check_open()
             self._metrics.append((step, values, now))
             self._queued += 1
-            self._pending_rows += len(values)
-            pending = self._pending_rows
+            self._pending_rows = pending = self._pending_rows + len(values)
         if pending >= self.batch_rows:
             self._wake.set()
 
@@ -259,7 +284,7 @@ class MetricsStore:
                 target = self._queued
                 closing = self._closing
             try:
-                self._write(_expand(batch), events, truncate)
+                self._write(batch, events, truncate)
             except BaseException as exc:  # reported by flush/close/log_*; the thread must not die silently
                 with self._written:
                     self._error = exc
@@ -271,8 +296,9 @@ class MetricsStore:
             if closing:
                 return
 
-    def _write(self, metrics: list[MetricRow], events: list[EventRow], truncate: int | None) -> None:
-        if not metrics and not events and truncate is None:
+    def _write(self, batch: list[tuple[int, Mapping[str, float | None], float]], events: list[EventRow],
+               truncate: int | None) -> None:
+        if not batch and not events and truncate is None:
             return
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
@@ -281,15 +307,29 @@ class MetricsStore:
                 names = [name for (name,) in conn.execute(_NAMES_QUERY)]
                 conn.executemany("DELETE FROM metrics WHERE name = ? AND step > ?", [(n, truncate) for n in names])
                 store_blocks.truncate(conn, names, truncate)
-            if metrics:
-                conn.executemany(INSERT_METRIC, metrics)
-                store_blocks.refresh(conn, ((name, step) for step, name, _, _ in metrics))
+            if batch:
+                flat, spans = _flatten(batch)
+                self._insert_rows(flat)
+                wide = set(store_blocks.refresh_ranges(conn, spans))
+                if wide:
+                    store_blocks.refresh(conn, ((name, step) for step, name in zip(flat[::4], flat[1::4], strict=True)
+                                                if name in wide))
             if events:
                 conn.executemany(INSERT_EVENT, events)
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+
+    def _insert_rows(self, flat: list[Any]) -> None:
+        """Insert with statements of power-of-two row counts: a handful of texts, each parsed once and cached."""
+        largest = min(MAX_ROWS_PER_INSERT, self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 4)
+        largest = 1 << (max(1, largest).bit_length() - 1)
+        start, rows = 0, len(flat) // 4
+        while rows:
+            count = min(largest, 1 << (rows.bit_length() - 1))
+            self._conn.execute(_insert_statement(count), flat[start:start + 4 * count])
+            start, rows = start + 4 * count, rows - count
 
 
 # -- the read side: any process, read-only, a missing file reads as empty ----------------------

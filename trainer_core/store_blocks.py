@@ -15,7 +15,7 @@ the raw rows, and :func:`rebuild` recreates it from ``metrics``.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 BLOCK = 64
@@ -29,6 +29,9 @@ SELECT :name, :block, MIN(value), MAX(value) FROM metrics
 WHERE name = :name AND step BETWEEN :block * {BLOCK} AND :block * {BLOCK} + {BLOCK - 1}
 HAVING COUNT(*) > 0
 """
+
+FLOOR_BLOCK = f"((step - ((step % {BLOCK}) + {BLOCK}) % {BLOCK}) / {BLOCK})"  # SQLite's % truncates toward 0
+MAX_SPAN_BLOCKS = 64
 
 # Each query walks the bucket table by its primary key, so grouping needs no sort.
 _LAST = """
@@ -72,6 +75,25 @@ def refresh(conn: sqlite3.Connection, touched: Iterable[tuple[str, int]]) -> Non
     conn.executemany(_REFRESH, [{"name": name, "block": block} for name, block in keys])
 
 
+def refresh_ranges(conn: sqlite3.Connection, spans: Mapping[str, Sequence[int]]) -> list[str]:
+    """Recompute every block between each name's lowest and highest logged step.
+
+    A running loop's batch covers a short span of consecutive steps, so these are about the
+    blocks it wrote to. Names whose span reaches over more than ``MAX_SPAN_BLOCKS`` blocks (steps
+    logged far apart) are returned instead, for :func:`refresh` with their exact steps, so a
+    refresh never walks a long stretch of empty blocks.
+    """
+    wide, keys = [], []
+    for name, (low, high) in spans.items():
+        first, last = low // BLOCK, high // BLOCK
+        if last - first > MAX_SPAN_BLOCKS:
+            wide.append(name)
+        else:
+            keys.extend({"name": name, "block": block} for block in range(first, last + 1))
+    conn.executemany(_REFRESH, keys)
+    return wide
+
+
 def truncate(conn: sqlite3.Connection, names: Iterable[str], step: int) -> None:
     """Follow ``DELETE FROM metrics WHERE step > step``: drop later blocks, redo the cut one."""
     cut = step // BLOCK
@@ -82,10 +104,9 @@ def truncate(conn: sqlite3.Connection, names: Iterable[str], step: int) -> None:
 
 def rebuild(conn: sqlite3.Connection) -> None:
     """Recreate every block from ``metrics`` (for a store whose summary is missing or stale)."""
-    floor_block = f"(step - ((step % {BLOCK}) + {BLOCK}) % {BLOCK}) / {BLOCK}"  # SQLite's % truncates toward 0
     conn.execute(f"DELETE FROM {TABLE}")
-    conn.execute(f"INSERT INTO {TABLE}(name, block, low, high) SELECT name, {floor_block}, MIN(value), MAX(value) "
-                 f"FROM metrics GROUP BY name, {floor_block}")
+    conn.execute(f"INSERT INTO {TABLE}(name, block, low, high) SELECT name, {FLOOR_BLOCK}, MIN(value), MAX(value) "
+                 f"FROM metrics GROUP BY name, {FLOOR_BLOCK}")
 
 
 def present(conn: sqlite3.Connection) -> bool:

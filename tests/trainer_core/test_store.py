@@ -317,6 +317,27 @@ def test_downsampling_stays_exact_after_rows_are_replaced_and_truncated(
     assert got == _reference(expected, max_points, low, high)
 
 
+def test_one_batch_larger_than_a_statement_holds_is_written_whole(db: Path) -> None:
+    points = {step: math.cos(step / 11.0) for step in range(3 * store.MAX_ROWS_PER_INSERT // 2)}
+    with MetricsStore(db, flush_interval=3600, batch_rows=10**9) as writer:
+        for step, value in points.items():
+            writer.log_metrics(step, {"a": value, "b": -value})
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM metrics").fetchone()[0] == 2 * len(points)
+    got = query_metrics(db, ["a", "b"], max_points=37)
+    assert got["a"] == _reference(points, 37, None, None)
+    assert got["b"] == _reference({s: -v for s, v in points.items()}, 37, None, None)
+
+
+def test_steps_logged_far_apart_in_one_batch_summarise_only_their_own_blocks(db: Path) -> None:
+    points = {0: 1.0, 5: -2.0, 10**6: 3.0, 10**6 + 1: 4.0, 2 * 10**7: 5.0}
+    with MetricsStore(db, flush_interval=3600, batch_rows=10**9) as writer:
+        for step, value in points.items():
+            writer.log_metrics(step, {"m": value})
+    blocks = sqlite3.connect(db).execute("SELECT block, low, high FROM metric_blocks ORDER BY block").fetchall()
+    assert blocks == [(0, -2.0, 1.0), (10**6 // 64, 3.0, 4.0), (2 * 10**7 // 64, 5.0, 5.0)]
+    assert query_metrics(db, "m", max_points=2)["m"] == _reference(points, 2, None, None)
+
+
 def test_a_store_made_without_the_block_summary_is_read_and_then_summarised(db: Path) -> None:
     conn = sqlite3.connect(db)
     conn.execute("CREATE TABLE metrics(step INTEGER, name TEXT, value REAL, time REAL)")
