@@ -83,6 +83,10 @@ class Scheduler:
                 ready.append(entry)
         return ready
 
+    def has_due(self, step: int) -> bool:
+        """Whether ``due(step)`` may return something (a cancelled entry can make this a false alarm)."""
+        return bool(self._heap) and self._heap[0][0] <= step
+
     def next_step(self) -> int | None:
         """The step of the next scheduled command, or None when nothing is scheduled."""
         while self._heap and self._heap[0][1] not in self._entries:

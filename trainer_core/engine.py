@@ -65,11 +65,15 @@ class LRSchedule:
     step takes a tenth of a millisecond; its state is the step and the base lrs.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, multiplier: Callable[[int], float]) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, multiplier: Callable[[int], float],
+                 constant_from: int | None = None) -> None:
         self.optimizer = optimizer
         self.multiplier = multiplier
         self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         self.last_step = 0
+        # From this step on the multiplier no longer changes (a constant schedule after warmup), so
+        # a step need not rewrite the groups' lr: ``set_lr`` and loading state write it themselves.
+        self.constant_from = constant_from
         self._apply()
 
     def _apply(self) -> None:
@@ -79,7 +83,8 @@ class LRSchedule:
 
     def step(self) -> None:
         self.last_step += 1
-        self._apply()
+        if self.constant_from is None or self.last_step <= self.constant_from:
+            self._apply()
 
     def state_dict(self) -> dict[str, Any]:
         return {SCHEDULE_STEP: self.last_step, SCHEDULE_BASE_LRS: list(self.base_lrs)}
@@ -207,7 +212,12 @@ class Engines(Mapping[str, Engine]):
         engines = self.__dict__.get("_engines", {})
         if name in engines:
             return engines[name]
+        if name == "model":  # the property raised: say why instead of a bare AttributeError
+            raise AttributeError(self._ambiguous_model())
         raise AttributeError(name)
+
+    def _ambiguous_model(self) -> str:
+        return f"engines.model is ambiguous with {len(self)} engines; use engines[name].model"
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._engines)
@@ -218,7 +228,7 @@ class Engines(Mapping[str, Engine]):
     @property
     def model(self) -> nn.Module:
         if len(self._engines) != 1:
-            raise AttributeError(f"engines.model is ambiguous with {len(self)} engines; use engines[name].model")
+            raise AttributeError(self._ambiguous_model())
         return next(iter(self._engines.values())).model
 
     def train(self, mode: bool = True) -> None:
@@ -241,7 +251,8 @@ def build_engines(
         params = param_groups(name, model) if param_groups else [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, optimizer_cfg)
         mult = lr_multiplier(optimizer_cfg.schedule, optimizer_cfg.warmup_steps, iterations, optimizer_cfg.min_lr_ratio)
-        scheduler = LRSchedule(optimizer, mult)
+        constant_from = optimizer_cfg.warmup_steps if optimizer_cfg.schedule == "constant" else None
+        scheduler = LRSchedule(optimizer, mult, constant_from)
         engines[name] = Engine(name, model, optimizer, scheduler, device=device, amp_dtype=amp_dtype)
     return Engines(engines)
 

@@ -111,6 +111,11 @@ class Trainer:
         self.steps = StepRunner(session, self.cfg.trainer)
         self._next_poll = 0.0
         self._next_status = 0.0
+        self._save_every = max(0, self.cfg.trainer.save_frequency)
+        self._eval_every = max(0, self.cfg.trainer.eval_frequency) if session.recipe.eval is not None else 0
+        self._log_metrics = session.log_metrics
+        self._send = channel.send
+        self._feed = session.feed
 
     # -- start / stop -------------------------------------------------------------------------
 
@@ -159,25 +164,27 @@ class Trainer:
         return self._finish()
 
     def _train_one(self) -> None:
-        values, nonfinite = self.steps.run(self.step)
-        self.step += 1
-        self.samples_seen += self.steps.last_samples
-        self.tokens_seen += self.steps.last_tokens
+        steps = self.steps
+        values, nonfinite = steps.run(self.step)
+        self.step = step = self.step + 1
+        self.samples_seen += steps.last_samples
+        self.tokens_seen += steps.last_tokens
         now = time.perf_counter()
         values["train/steps_per_s"] = self.rate.tick(now)
-        values["train/epoch"] = self.s.feed.epoch_progress
-        self.s.log_metrics(self.step, values)
-        self.channel.send({"type": "metrics", "step": self.step, "time": time.time(), "values": values})
+        values["train/epoch"] = self._feed.epoch_progress
+        self._log_metrics(step, values)
+        self._send({"type": "metrics", "step": step, "time": time.time(), "values": values})
         if nonfinite:
             self._on_nonfinite()
-        self._periodic()
-        self._service(now=now)
+        if (self._save_every and step % self._save_every == 0) or (self._eval_every and step % self._eval_every == 0):
+            self._periodic()
+        if self.distributed or now >= self._next_poll or self.controller.scheduler.has_due(step):
+            self._service(now=now)
 
     def _periodic(self) -> None:
-        t = self.cfg.trainer
-        if t.save_frequency > 0 and self.step % t.save_frequency == 0 and self.step < self.iterations:
+        if self._save_every and self.step % self._save_every == 0 and self.step < self.iterations:
             self._run_internal("save")
-        if t.eval_frequency > 0 and self.step % t.eval_frequency == 0 and self.s.recipe.eval is not None:
+        if self._eval_every and self.step % self._eval_every == 0:
             self._run_internal("eval")
 
     def _run_internal(self, line: str) -> None:
