@@ -431,9 +431,12 @@ def query_metrics(path: str | Path, names: str | Iterable[str], max_points: int 
     """Each metric's points in ``[from_step, to_step]``, downsampled to at most ``max_points``.
 
     Returns ``{name: {"step", "value", "min", "max"}}`` (parallel lists). With more rows than
-    ``max_points`` in range, the range ``[lo, hi]`` of steps actually present is cut into
-    ``max_points`` equal buckets (step ``s`` goes to bucket ``(s - lo) * max_points // (hi - lo + 1)``);
-    each non-empty bucket gives its last step, that step's value, and the bucket's min and max.
+    ``max_points`` in range, the range ``[lo, hi]`` of steps actually present is cut into at most
+    ``max_points`` buckets of ``width`` steps from ``origin`` (step ``s`` goes to bucket
+    ``(s - origin) // width``; see :func:`trainer_core.store_blocks.bucket_grid`: ``origin = lo``
+    and ``width = ceil((hi - lo + 1) / max_points)``, except that buckets of 256 steps or more start
+    on a multiple of 64 and are a multiple of 64 wide); each non-empty bucket gives its last step,
+    that step's value, and the bucket's min and max.
     Otherwise every row comes back with ``min == max == value``. Unknown names get empty lists.
     """
     wanted = _names_arg(names)

@@ -3,10 +3,10 @@
 ``metric_blocks(name, block, low, high)`` holds, for every metric and every aligned block of
 ``BLOCK`` steps (``block = step // BLOCK``), the minimum and maximum value logged in it. The
 writer refreshes the blocks a batch touched, from the raw rows, in the same transaction, so a
-reader's snapshot always sees the two agree. A query bucket then takes its min/max from the whole
-blocks inside it plus the raw rows at its two ragged edges (fewer than ``BLOCK`` each side), and
-its last point from one key lookup: about ``max_points * (2 * BLOCK + steps_per_bucket / BLOCK)``
-rows instead of every row, exactly the same answer.
+reader's snapshot always sees the two agree. Wide query buckets are aligned to blocks (see
+:func:`bucket_grid`), so a bucket takes its min/max from the whole blocks inside it (plus raw rows
+only at the two ends of the range) and its last point from one key lookup: about
+``max_points * steps_per_bucket / BLOCK`` summary rows instead of every row, the same answer.
 
 The table is derived data: a store without it (made by hand, or by another tool) is read from
 the raw rows, and :func:`rebuild` recreates it from ``metrics``.
@@ -43,6 +43,7 @@ ORDER BY b.i
 _RAW_RANGE = """
 SELECT b.i, MIN(r.value), MAX(r.value) FROM temp.buckets AS b
 JOIN metrics AS r ON r.name = :name AND r.step BETWEEN b.{lo} AND b.{hi}
+WHERE b.{hi} >= b.{lo}
 GROUP BY b.i
 """
 _BLOCK_RANGE = f"""
@@ -116,20 +117,33 @@ def present(conn: sqlite3.Connection) -> bool:
 
 # -- the reader's side ---------------------------------------------------------------------------
 
+def bucket_grid(lo: int, hi: int, max_points: int) -> tuple[int, int]:
+    """``(origin, width)``: step ``s`` of ``[lo, hi]`` belongs to bucket ``(s - origin) // width``.
+
+    ``width`` is the smallest that fits ``[lo, hi]`` into ``max_points`` buckets from ``origin = lo``.
+    Buckets of ``MIN_BLOCKS_PER_BUCKET`` blocks or more are aligned to the block summary instead:
+    ``origin`` is ``lo`` rounded down to a block and ``width`` a whole number of blocks, so every
+    bucket but the first and last is made of whole blocks and reads no raw row at all.
+    """
+    width = -(-(hi - lo + 1) // max_points)
+    if width < MIN_BLOCKS_PER_BUCKET * BLOCK:
+        return lo, width
+    origin = lo - lo % BLOCK
+    width = -(-(hi - origin + 1) // max_points)
+    return origin, -(-width // BLOCK) * BLOCK
+
+
 def bucket_rows(lo: int, hi: int, max_points: int, use_blocks: bool) -> list[tuple[int, ...]]:
-    """Rows of the bucket table: step ``s`` belongs to bucket ``(s - lo) * max_points // (hi - lo + 1)``.
+    """Rows of the bucket table for the grid of :func:`bucket_grid`, each bucket clipped to ``[lo, hi]``.
 
     Each bucket ``[start, end]`` is split into a raw head ``[start, head_hi]``, whole blocks
     ``[first_block, last_block]`` and a raw tail ``[tail_lo, end]``; a bucket too narrow to hold
     a whole block is all head.
     """
-    width = hi - lo + 1
-    starts = [lo + (i * width + max_points - 1) // max_points for i in range(max_points + 1)]
+    origin, width = bucket_grid(lo, hi, max_points)
     rows = []
-    for i in range(max_points):
-        start, end = starts[i], starts[i + 1] - 1
-        if start > end:
-            continue
+    for i in range((hi - origin) // width + 1):
+        start, end = max(lo, origin + i * width), min(hi, origin + (i + 1) * width - 1)
         first, last = -(-start // BLOCK), (end + 1) // BLOCK - 1
         if use_blocks and first <= last:
             rows.append((i, start, end, first * BLOCK - 1, first, last, (last + 1) * BLOCK))
@@ -138,13 +152,21 @@ def bucket_rows(lo: int, hi: int, max_points: int, use_blocks: bool) -> list[tup
     return rows
 
 
+def _insert_buckets(conn: sqlite3.Connection, rows: list[tuple[int, ...]]) -> None:
+    """Many rows per statement: ``executemany`` gives up the GIL once per row, and the server reads in threads."""
+    per_statement = max(1, min(1024, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 7))
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start:start + per_statement]
+        conn.execute("INSERT INTO temp.buckets VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk)),
+                     [value for row in chunk for value in row])
+
+
 def downsample(conn: sqlite3.Connection, name: str, lo: int, hi: int, max_points: int,
                use_blocks: bool) -> Series:
     """Last step, its value, and min/max of every non-empty bucket of ``[lo, hi]``."""
-    use_blocks = use_blocks and hi - lo + 1 >= MIN_BLOCKS_PER_BUCKET * BLOCK * max_points
+    use_blocks = use_blocks and bucket_grid(lo, hi, max_points)[1] >= MIN_BLOCKS_PER_BUCKET * BLOCK
     conn.execute("DELETE FROM temp.buckets")
-    conn.executemany("INSERT INTO temp.buckets VALUES (?, ?, ?, ?, ?, ?, ?)",
-                     bucket_rows(lo, hi, max_points, use_blocks))
+    _insert_buckets(conn, bucket_rows(lo, hi, max_points, use_blocks))
     args = {"name": name}
     if not use_blocks:
         rows = conn.execute(_SINGLE_PASS, args).fetchall()

@@ -248,9 +248,14 @@ def _reference(points: dict[int, float | None], max_points: int, low: int | None
         values = [v for _, v in rows]
         return {"step": [s for s, _ in rows], "value": values, "min": values, "max": values}
     lo, hi = rows[0][0], rows[-1][0]
+    origin, width = lo, math.ceil((hi - lo + 1) / max_points)
+    if width >= 4 * 64:  # wide buckets: aligned to 64-step blocks
+        origin = lo - lo % 64
+        width = math.ceil(math.ceil((hi - origin + 1) / max_points) / 64) * 64
     buckets: dict[int, list[tuple[int, float | None]]] = {}
     for step, value in rows:
-        buckets.setdefault((step - lo) * max_points // (hi - lo + 1), []).append((step, value))
+        buckets.setdefault((step - origin) // width, []).append((step, value))
+    assert len(buckets) <= max_points
     out: dict[str, list] = {"step": [], "value": [], "min": [], "max": []}
     for key in sorted(buckets):
         members = buckets[key]
