@@ -113,7 +113,9 @@ class Trainer:
         self._next_status = 0.0
         self._save_every = max(0, self.cfg.trainer.save_frequency)
         self._eval_every = max(0, self.cfg.trainer.eval_frequency) if session.recipe.eval is not None else 0
-        self._log_metrics = session.log_metrics
+        store = session.store
+        self._log_metrics = store.log_metrics if store is not None and session.tensorboard is None else (
+            session.log_metrics)
         self._send = channel.send
         self._feed = session.feed
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -242,6 +243,42 @@ def test_clipping_returns_the_norm_before_clipping_and_updates_with_the_clipped_
     for mine, theirs in zip(engine.model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(mine, theirs)
     assert all(p.grad is None for p in engine.model.parameters())
+
+
+class MixedPrecisionModel(nn.Module):
+    """Parameters of two dtypes: the gradients cannot be stacked into one tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.narrow = nn.Parameter(torch.randn(3, 2))
+        self.wide = nn.Parameter(torch.randn(2, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.narrow).double() + self.wide
+
+
+@pytest.mark.parametrize("make_model", [lambda: nn.Linear(3, 2), lambda: nn.Linear(3, 1, bias=False),
+                                        MixedPrecisionModel], ids=["one-dtype", "one-tensor", "two-dtypes"])
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_the_grad_norm_and_clipping_match_torch_for_any_mix_of_gradients(make_model: Any, clip: float) -> None:
+    engine = make_engine(make_model(), lr=0.1)
+    reference = copy.deepcopy(engine.model)
+    backward_once(engine, scale=10.0)
+    for mine, theirs in zip(engine.model.parameters(), reference.parameters(), strict=True):
+        theirs.grad = mine.grad.clone()
+    if clip:
+        expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), clip)
+    else:
+        expected = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()])
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= 0.1 * p.grad
+
+    norm = engine.finish_update(grad_clip=clip, apply=True, measure=True)
+
+    assert norm is not None and float(norm) == pytest.approx(float(expected), rel=1e-6)
+    for mine, theirs in zip(engine.model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs)
 
 
 def test_the_clipped_step_moves_the_parameters_by_exactly_lr_times_the_clip() -> None:
