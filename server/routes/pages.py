@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Request
@@ -10,6 +11,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from server.auth import cookie_header, token_matches
 from server.context import ServerContext
 from server.routes.deps import AUTH_RESPONSES, Ctx
+from trainer_core.store import StoreError, metric_names
 
 router = APIRouter(include_in_schema=False)
 
@@ -21,9 +23,22 @@ def render_login(ctx: ServerContext, status_code: int, error: str = "") -> Respo
     return HTMLResponse(html, status_code=status_code, headers={"Cache-Control": "no-store"})
 
 
+def known_metric_names(ctx: ServerContext) -> str:
+    """The store's metric names as JSON for the page, so it can ask for the first chart's history at once.
+
+    ``<`` is escaped so no name can close the script element it sits in.
+    """
+    try:
+        names = metric_names(ctx.store_path)
+    except StoreError:
+        names = []  # the page then asks the API, which reports the problem
+    return json.dumps(names).replace("<", "\\u003c")
+
+
 @router.get("/", response_class=HTMLResponse, responses=AUTH_RESPONSES)
 def index(request: Request, ctx: Ctx) -> Response:
-    context = {"run_name": ctx.settings.run_name, "read_only": ctx.read_only, "version": ctx.settings.version}
+    context = {"run_name": ctx.settings.run_name, "read_only": ctx.read_only, "version": ctx.settings.version,
+               "metric_names": known_metric_names(ctx)}
     return ctx.templates.TemplateResponse(request, "index.html", context, headers={"Cache-Control": "no-store"})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -88,3 +89,21 @@ def test_server_json_is_private_and_names_the_url(served: Served) -> None:
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert info["port"] == served.port and info["pid"] == served.proc.pid
     assert info["url"].startswith(served.base) and served.token in info["url"]
+
+
+def test_the_page_carries_the_metric_names_and_no_name_can_close_its_script(tmp_path: Path) -> None:
+    import httpx
+
+    from tests.server.conftest import InProcessServer
+    from trainer_core.store import MetricsStore
+
+    with MetricsStore(tmp_path / "metrics.sqlite") as store:
+        store.log_metrics(1, {"train/loss": 1.0, "odd</script><b>": 2.0})
+    server = InProcessServer(tmp_path)
+    try:
+        page = httpx.get(f"{server.base}/", headers={"Authorization": f"Bearer {server.token}"}).text
+    finally:
+        server.close()
+    embedded = page.split('<script type="application/json" id="metric-names">', 1)[1].split("</script>", 1)[0]
+    assert json.loads(embedded) == ["odd</script><b>", "train/loss"]
+    assert "<" not in embedded

@@ -76,9 +76,10 @@ export class ChartBoard {
    *   onError(message)      a fetch failed
    *   onFirstPaint()        the first chart with data was drawn
    */
-  constructor(root, { fetchMetrics, onZoom, onError, onFirstPaint, settings }) {
+  constructor(root, { fetchMetrics, onZoom, onError, onFirstPaint, settings, initialNames = null }) {
     this.root = root;
     this.fetchMetrics = fetchMetrics;
+    this.initialNames = initialNames;
     this.onZoom = onZoom;
     this.onError = onError;
     this.onFirstPaint = onFirstPaint;
@@ -169,18 +170,23 @@ export class ChartBoard {
   }
 
   /**
-   * Fetch every metric's downsampled history. The names come first from an empty step range
-   * (cheap), then each metric is fetched on its own, a few at a time, most important first:
-   * the server reads them in parallel and the loss chart paints without waiting for the rest.
+   * Fetch every metric's downsampled history. The names come with the page on the first load
+   * (later from an empty step range, which is cheap). The first chart's history is fetched
+   * alone, so it paints without competing for the server; the rest follow a few at a time.
    */
   async reload() {
-    const probe = await this.fetchMetrics({ from_step: 0, to_step: 0, max_points: 1 });
-    const names = Object.keys(probe ?? {}).sort(compareNames);
+    let names = this.initialNames;
+    this.initialNames = null;
+    if (!Array.isArray(names)) {
+      const probe = await this.fetchMetrics({ from_step: 0, to_step: 0, max_points: 1 });
+      names = Object.keys(probe ?? {});
+    }
+    names = [...names].sort(compareNames);
     for (const name of names) this.ensure(name);
     const maxPoints = this.maxPoints;
-    await forEachLimited(names, HISTORY_CONCURRENCY, async (name) => {
-      this.loadHistory(await this.fetchMetrics({ names: name, max_points: maxPoints }));
-    });
+    const load = async (name) => this.loadHistory(await this.fetchMetrics({ names: name, max_points: maxPoints }));
+    if (names.length > 0) await load(names[0]);
+    await forEachLimited(names.slice(1), HISTORY_CONCURRENCY, load);
     if (this.zoom) await this.zoomTo(this.zoom.from, this.zoom.to);
     await this.nextPaint();
   }

@@ -45,8 +45,19 @@ const controls = new Controls(document, { api, log, readOnly });
 const reportError = (message) => log.addLocal(message, { level: "warning" });
 const checkpoints = new CheckpointTable($("checkpoints"), $("checkpoints-empty"), api.checkpoints, reportError);
 
+/** The metric names the server put in the page, or null (then the board asks for them). */
+function initialMetricNames() {
+  try {
+    const names = JSON.parse($("metric-names")?.textContent ?? "null");
+    return Array.isArray(names) ? names.filter((name) => typeof name === "string") : null;
+  } catch {
+    return null;
+  }
+}
+
 const board = new ChartBoard($("charts"), {
   fetchMetrics: api.metrics,
+  initialNames: initialMetricNames(),
   settings: loadSettings(),
   onError: reportError,
   onZoom: (range) => {
