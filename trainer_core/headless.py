@@ -79,10 +79,11 @@ class StdinChannel:
 
     def send(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
-        if kind == "metrics":
+        if kind == "metrics":  # every step: only what it takes to know whether a line is due
             if "train/loss" in message["values"]:
                 self._last_metrics = message
-                self._maybe_draw(message["step"])
+                if self.tty or (self.log_every and message["step"] % self.log_every == 0):
+                    self._maybe_draw(message["step"])
         elif kind == "status":
             self._last_status = message
         elif kind == "result":

@@ -31,6 +31,7 @@ import sqlite3
 import threading
 import time as _time
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -72,26 +73,28 @@ def _metric_rows(step: int, values: Mapping[str, Any], now: float) -> list[Metri
         raise ValueError(f"metric values at step {step} must be numbers, got {bad!r}") from None
 
 
-def _flatten(batch: list[tuple[int, Mapping[str, float | None], float]]) -> tuple[list[Any], dict[str, list[int]]]:
-    """The batch as one flat parameter list (step, name, value, time per row) and each name's lowest and highest step.
+def _flatten(batch: list[tuple[int, Mapping[str, float | None], float]]) -> tuple[list[Any], set[str], int, int]:
+    """The batch as one flat parameter list (step, name, value, time per row), its names and step range.
 
     The writer binds many rows to one statement: ``executemany`` would release and retake the GIL
-    once per row, and every retake may have to wait for the training thread.
+    once per row, and each retake may wait for the training thread. The rows are laid out by C
+    iterators, one call per logged step, since the writer's Python time is taken from the loop's
+    (a NaN binds as NULL by itself).
     """
     flat: list[Any] = []
     extend = flat.extend
-    spans: dict[str, list[int]] = {}
+    names: set[str] = set()
+    low = high = batch[0][0]
     for step, values, now in batch:
-        for name, value in values.items():
-            extend((step, name, None if value is None or value != value else value, now))
-            span = spans.get(name)
-            if span is None:
-                spans[name] = [step, step]
-            elif step > span[1]:
-                span[1] = step
-            elif step < span[0]:
-                span[0] = step
-    return flat, spans
+        count = len(values)
+        extend(chain.from_iterable(zip(repeat(step, count), values, values.values(), repeat(now, count),
+                                       strict=True)))
+        names.update(values)
+        if step > high:
+            high = step
+        elif step < low:
+            low = step
+    return flat, names, low, high
 
 
 @functools.cache
@@ -189,6 +192,16 @@ class MetricsStore:
             if type(value) is not float or type(name) is not str or not name:
                 values = {name: value for _, name, value, _ in _metric_rows(step, values, now)}
                 break
+        self._queue_metrics(step, values, now)
+
+    def log_float_metrics(self, step: int, values: dict[str, float]) -> None:
+        """``log_metrics`` for a caller whose names are strings and whose values are floats by construction.
+
+        The training loop builds every value with ``float()``, so it skips the per-value check.
+        """
+        self._queue_metrics(step, values, _time.time())
+
+    def _queue_metrics(self, step: int, values: Mapping[str, float | None], now: float) -> None:
         with self._lock:
             if self._closing or self._error is not None:
                 self._check_open()
@@ -308,9 +321,9 @@ class MetricsStore:
                 conn.executemany("DELETE FROM metrics WHERE name = ? AND step > ?", [(n, truncate) for n in names])
                 store_blocks.truncate(conn, names, truncate)
             if batch:
-                flat, spans = _flatten(batch)
+                flat, names, low, high = _flatten(batch)
                 self._insert_rows(flat)
-                wide = set(store_blocks.refresh_ranges(conn, spans))
+                wide = set(store_blocks.refresh_ranges(conn, dict.fromkeys(names, (low, high))))
                 if wide:
                     store_blocks.refresh(conn, ((name, step) for step, name in zip(flat[::4], flat[1::4], strict=True)
                                                 if name in wide))

@@ -80,9 +80,9 @@ def refresh_ranges(conn: sqlite3.Connection, spans: Mapping[str, Sequence[int]])
     """Recompute every block between each name's lowest and highest logged step.
 
     A running loop's batch covers a short span of consecutive steps, so these are about the
-    blocks it wrote to. Names whose span reaches over more than ``MAX_SPAN_BLOCKS`` blocks (steps
-    logged far apart) are returned instead, for :func:`refresh` with their exact steps, so a
-    refresh never walks a long stretch of empty blocks.
+    blocks it wrote to (a block a name has no row in is left alone). Names whose span reaches over
+    more than ``MAX_SPAN_BLOCKS`` blocks (steps logged far apart) are returned instead, for
+    :func:`refresh` with their exact steps, so a refresh never walks a long stretch of empty blocks.
     """
     wide, keys = [], []
     for name, (low, high) in spans.items():

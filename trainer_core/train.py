@@ -114,7 +114,7 @@ class Trainer:
         self._save_every = max(0, self.cfg.trainer.save_frequency)
         self._eval_every = max(0, self.cfg.trainer.eval_frequency) if session.recipe.eval is not None else 0
         store = session.store
-        self._log_metrics = store.log_metrics if store is not None and session.tensorboard is None else (
+        self._log_metrics = store.log_float_metrics if store is not None and session.tensorboard is None else (
             session.log_metrics)
         self._send = channel.send
         self._feed = session.feed
@@ -173,7 +173,8 @@ class Trainer:
         self.tokens_seen += steps.last_tokens
         now = time.perf_counter()
         values["train/steps_per_s"] = self.rate.tick(now)
-        values["train/epoch"] = self._feed.epoch_progress
+        feed = self._feed
+        values["train/epoch"] = feed.epoch + feed.consumed / feed.batches_per_epoch  # DataFeed.epoch_progress
         self._log_metrics(step, values)
         self._send({"type": "metrics", "step": step, "time": time.time(), "values": values})
         if nonfinite:
