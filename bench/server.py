@@ -1,16 +1,16 @@
 """Server benchmarks: loop overhead in serve mode, WebSocket fan-out, command round trip.
 
-(a) Loop overhead: ``traindeck serve`` with one WebSocket client connected, against a bare
-    PyTorch loop with the same model, data and a busy-wait standing in for the model's compute
-    (1 ms and 0.1 ms steps); the headless loop in this process is shown as a second reference.
-    Serve-mode steps/s comes from the trainer's own timestamps in the metrics messages the
-    client receives, so start-up and delivery latency are excluded.
+(a) Loop overhead: ``traindeck serve`` with one WebSocket client reading everything it is sent,
+    against a bare PyTorch loop with the same model and data and a busy-wait standing in for the
+    model's compute (1 ms and 0.1 ms steps). The bare loop runs inside the served trainer
+    process and the two take turns every 101 steps (see ``paired.py``), so both see the same
+    machine and the server's own CPU use; each repeat is a fresh server.
 (b) Fan-out: a trainer emitting ~1 000 metrics messages/s (sleeping 1 ms steps) to 20 clients;
     p50/p99 delivery latency (trainer send -> client receive) of the live clients without and
     with one stalled client, and the server's RSS over the run.
 (c) Round trip of ``POST /command/status`` against one step of the same run.
 
-    python bench/server.py [--repeats 3] [--duration 10] [--only loop,fanout,command]
+    python bench/server.py [--repeats 5] [--duration 10] [--only loop,fanout,command]
 
 ``--duration`` is the fan-out time per phase (the target figure is for 60 s; ``make bench``
 uses the shorter default). Ratios compare numbers measured in the same run.
@@ -27,7 +27,6 @@ import os
 import re
 import signal
 import socket
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -42,36 +41,28 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = f"{Path(__file__).resolve()}:build"
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "bench")]), "OMP_NUM_THREADS": "1"}
 DASHBOARD_RE = re.compile(r"Dashboard: (http://([^/]+))/\?token=(\S+)")
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(REPO)  # run as a script: the package `server`, not this file, must win
+    sys.path.append(str(REPO / "bench"))
 
+import paired  # noqa: E402  (bench/paired.py, found through the path set just above)
 
 # -- the synthetic recipe (loaded by the trainer process from this file) -----------------------
-
-def spin(seconds: float) -> None:
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        pass
-
-
-def make_parts(seed: int = 0) -> tuple[nn.Module, torch.utils.data.Dataset]:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
-    data = torch.utils.data.TensorDataset(torch.randn(4096, 16), torch.randn(4096, 1))
-    return model, data
-
 
 def build(config: Any) -> Any:
     from trainer_core.recipe import Recipe
 
     torch.set_num_threads(1)
-    model, data = make_parts(config.trainer.seed)
+    model, data = paired.make_parts(config.trainer.seed)
     wait_s = float(config.recipe["step_ms"]) / 1000
-    wait = time.sleep if config.recipe.get("mode") == "sleep" else spin
+    wait = time.sleep if config.recipe.get("mode") == "sleep" else paired.spin
+    handover = paired.Handover(config.recipe, config.trainer.iterations) if "result" in config.recipe else None
 
     def step(engines: Any, batch: Any) -> torch.Tensor:
+        if handover is not None:
+            handover()
         x, y = batch
         loss = nn.functional.mse_loss(engines.model(x), y)
         wait(wait_s)
@@ -85,69 +76,12 @@ def settings(steps: int, step_ms: float, mode: str) -> list[str]:
             f"recipe.mode={mode}", "trainer.save_on_quit=false", "trainer.log_every=0"]
 
 
-# -- baselines in this process ---------------------------------------------------------------------
-
-def bare_loop(steps: int, step_ms: float) -> float:
-    from trainer_core.sampler import RandomSampler
-
-    model, data = make_parts()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loader = torch.utils.data.DataLoader(data, sampler=RandomSampler(len(data)), batch_size=8, drop_last=True)
-    stamps: list[float] = []
-    while len(stamps) < steps:
-        for x, y in loader:
-            loss = nn.functional.mse_loss(model(x), y)
-            spin(step_ms / 1000)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            stamps.append(time.perf_counter())
-            if len(stamps) == steps:
-                break
-    skip = steps // 10
-    return (len(stamps) - 1 - skip) / (stamps[-1] - stamps[skip])
-
-
-class StampChannel:
-    """A channel that keeps each metrics message's step and time, like the WebSocket client does."""
-
-    def __init__(self) -> None:
-        self.stamps: list[tuple[int, float]] = []
-
-    def poll(self) -> list[Any]:
-        return []
-
-    def send(self, message: dict[str, Any]) -> None:
-        if message.get("type") == "metrics" and "train/loss" in message["values"]:
-            self.stamps.append((message["step"], message["time"]))
-
-    def close(self) -> None:
-        return None
-
-
-def headless_loop(steps: int, step_ms: float) -> float:
-    from trainer_core.recipe import resolve_config
-    from trainer_core.train import run
-
-    config = resolve_config(SPEC, None, settings(steps, step_ms, "spin"))
-    channel = StampChannel()
-    with tempfile.TemporaryDirectory() as tmp:
-        run(SPEC, config, Path(tmp) / "run", resume=False, channel=channel, install_signal_handlers=False)
-    return rate(channel.stamps, steps)
-
-
-def rate(stamps: list[tuple[int, float]], steps: int) -> float:
-    kept = [s for s in stamps if s[0] >= steps // 10]
-    (s0, t0), (s1, t1) = kept[0], kept[-1]
-    return (s1 - s0) / (t1 - t0)
-
-
 # -- a served run ----------------------------------------------------------------------------------
 
 class Served:
-    def __init__(self, steps: int, step_ms: float, mode: str, run_dir: Path) -> None:
+    def __init__(self, steps: int, step_ms: float, mode: str, run_dir: Path, extra: list[str] | None = None) -> None:
         args = [sys.executable, "-m", "server.cli", "serve", SPEC, "--port", "0", "--run-dir", str(run_dir)]
-        for item in settings(steps, step_ms, mode):
+        for item in settings(steps, step_ms, mode) + (extra or []):
             args += ["--set", item]
         self.proc = subprocess.Popen(args, cwd=REPO, env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True)
@@ -192,22 +126,15 @@ class Served:
                 self.proc.wait(10)
 
 
-def stored_rate(run_dir: Path, steps: int) -> float:
-    """Steps/s from the trainer's own timestamps in the store (the ``train/loss`` rows)."""
-    with contextlib.closing(sqlite3.connect(run_dir / "metrics.sqlite")) as db:
-        stamps = db.execute("SELECT step, time FROM metrics WHERE name = 'train/loss' ORDER BY step").fetchall()
-    return rate(stamps, steps)
-
-
-def serve_loop(steps: int, step_ms: float) -> float:
-    """Steps/s of a served run while a WebSocket client reads everything it is sent.
+def serve_loop(steps: int, step_ms: float) -> dict[str, dict[str, float]]:
+    """Steps/s of a served run while a WebSocket client reads everything it is sent, and of the bare loop.
 
     The client only drains its socket: a browser's CPU is on the user's laptop, not on the
     training machine, so the client here should cost the trainer's machine next to nothing.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp) / "run"
-        served = Served(steps, step_ms, "spin", run_dir)
+        run_dir, result = Path(tmp) / "run", Path(tmp) / "result.json"
+        served = Served(steps, step_ms, "spin", run_dir, paired.settings(step_ms, result))
         try:
             sock = websocket_socket(served.port, served.hostport, served.token)
             received = [0]
@@ -221,7 +148,7 @@ def serve_loop(steps: int, step_ms: float) -> float:
                 raise RuntimeError(f"the WebSocket client got only {received[0]} bytes")
         finally:
             served.stop()
-        return stored_rate(run_dir, steps)
+        return paired.read_result(result)
 
 
 def drain(sock: socket.socket, received: list[int]) -> None:
@@ -232,16 +159,16 @@ def drain(sock: socket.socket, received: list[int]) -> None:
 
 def bench_loop(args: argparse.Namespace) -> None:
     print("(a) loop overhead: serve mode with a WebSocket client reading everything, vs a bare PyTorch loop")
-    print(f"{'step':>8} {'bare':>9} {'headless':>9} {'serve+ws':>9} {'serve/bare':>11} {'(best)':>7} {'target':>7}")
+    print(f"{'step':>8} {'clock':>6} {'bare':>9} {'serve+ws':>9} {'ratio':>6} {'range':>13} {'target':>7}")
     for step_ms, steps, target in ((1.0, args.steps_1ms, 0.98), (0.1, args.steps_01ms, 0.95)):
-        bare, headless, served = [], [], []
-        for _ in range(args.repeats):  # interleaved, so a burst of load elsewhere hits all three alike
-            bare.append(bare_loop(steps, step_ms))
-            headless.append(headless_loop(steps, step_ms))
-            served.append(serve_loop(steps, step_ms))
-        b, h, s = (statistics.median(x) for x in (bare, headless, served))
-        best = max(served) / max(bare)
-        print(f"{step_ms:>6}ms {b:>9.1f} {h:>9.1f} {s:>9.1f} {s / b:>11.3f} {best:>7.3f} {target:>7}", flush=True)
+        runs = [serve_loop(steps, step_ms) for _ in range(args.repeats)]
+        for clock in ("wall", "cpu"):
+            bare = statistics.median(r["bare"][clock] for r in runs)
+            served = statistics.median(r["traindeck"][clock] for r in runs)
+            ratios = [r["traindeck"][clock] / r["bare"][clock] for r in runs]
+            print(f"{step_ms:>6}ms {clock:>6} {bare:>9.1f} {served:>9.1f} {statistics.median(ratios):>6.3f} "
+                  f"{min(ratios):>6.3f}-{max(ratios):<6.3f} {target:>7}", flush=True)
+    print("ratio: median over the repeats of served/bare steps/s (range: lowest-highest repeat)")
 
 
 # -- (b) fan-out -----------------------------------------------------------------------------------
@@ -444,9 +371,9 @@ def bench_command(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps-1ms", type=int, default=3000)
-    parser.add_argument("--steps-01ms", type=int, default=10000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps-1ms", type=int, default=2000)
+    parser.add_argument("--steps-01ms", type=int, default=5000)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per fan-out phase (target: 60)")
     parser.add_argument("--commands", type=int, default=200)
     parser.add_argument("--only", default="loop,fanout,command")
