@@ -3,9 +3,12 @@
 Run as ``python -m tests.trainer_core.io_kill_writer``; it answers one line per command on stdin:
 
 ``calibrate TARGET``  saves a few times next to TARGET and prints ``period SECONDS`` (one save).
-``kill TARGET DELAY`` forks a child that saves version 1, 0, 1, 0, ... of ``make_version`` to
-                      TARGET forever, SIGKILLs it after DELAY seconds, reaps it and prints
-                      ``killed STATUS``.
+``kill TARGET SAVES DELAY``
+                      forks a child that saves version 1, 0, 1, 0, ... of ``make_version`` to
+                      TARGET forever; once the child reports SAVES finished saves, waits DELAY
+                      seconds, SIGKILLs it, reaps it and prints ``killed STATUS``. Counting the
+                      child's saves (rather than timing them) lets the test land kills before,
+                      inside and after a given save whatever the machine's speed.
 
 Forking from one warm process makes each kill cost milliseconds instead of a fresh interpreter
 importing torch.
@@ -41,10 +44,11 @@ def make_version(k: int) -> dict[str, Any]:
     }
 
 
-def _write_forever(target: Path, versions: list[dict[str, Any]]) -> None:
+def _write_forever(target: Path, versions: list[dict[str, Any]], done: int) -> None:
     i = 1
     while True:
         io.save(versions[i % 2], target)
+        os.write(done, b".")
         i += 1
 
 
@@ -57,17 +61,24 @@ def _calibrate(target: Path, versions: list[dict[str, Any]]) -> str:
     return f"period {(time.perf_counter() - start) / 4}"
 
 
-def _kill_after(target: Path, versions: list[dict[str, Any]], delay: float) -> str:
+def _kill_after(target: Path, versions: list[dict[str, Any]], saves: int, delay: float) -> str:
+    read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
-            _write_forever(target, versions)
+            os.close(read_end)
+            _write_forever(target, versions, write_end)
         except BaseException:
             traceback.print_exc()
         finally:
             os._exit(1)
+    os.close(write_end)
+    finished = 0
+    while finished < saves and os.read(read_end, 1):  # b"" when the child died: the status tells
+        finished += 1
     time.sleep(delay)
     os.kill(pid, signal.SIGKILL)
+    os.close(read_end)
     _, status = os.waitpid(pid, 0)
     return f"killed {status}"
 
@@ -80,7 +91,7 @@ def main() -> None:
         if command == "calibrate":
             print(_calibrate(Path(target), versions), flush=True)
         else:
-            print(_kill_after(Path(target), versions, float(rest[0])), flush=True)
+            print(_kill_after(Path(target), versions, int(rest[0]), float(rest[1])), flush=True)
 
 
 if __name__ == "__main__":
