@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from paired import Handover, bare_against_bare, make_parts, read_result, settings, spin
+from paired import Handover, bare_against_bare, make_parts, read_result, settings, spin, summary
 from torch import nn
 
 SPEC = "__main__:build"  # this very module
@@ -76,12 +75,9 @@ def one_run(steps: int, spin_ms: float, calibrate: bool) -> dict[str, dict[str, 
 
 
 def report(spin_ms: float, runs: list[dict[str, dict[str, float]]], target: float | str) -> None:
-    for clock in ("wall", "cpu"):
-        bare = statistics.median(r["bare"][clock] for r in runs)
-        ours = statistics.median(r["traindeck"][clock] for r in runs)
-        ratios = [r["traindeck"][clock] / r["bare"][clock] for r in runs]
-        print(f"{spin_ms:>6}ms {clock:>6} {bare:>13.1f} {ours:>18.1f} {statistics.median(ratios):>6.3f} "
-              f"{min(ratios):>6.3f}-{max(ratios):<6.3f} {target:>7}", flush=True)
+    for clock, bare, ours, ratio, low, high in summary(runs):
+        print(f"{spin_ms:>6}ms {clock:>6} {bare:>13.1f} {ours:>18.1f} {ratio:>6.3f} {low:>6.3f}-{high:<6.3f} "
+              f"{target:>7}", flush=True)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ to one statement a few times a second).
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,17 @@ def bare_against_bare(steps: int, spin_ms: float, result: Path) -> None:
 def settings(spin_ms: float, result: Path) -> list[str]:
     """The ``--set`` items a recipe built with :class:`Handover` needs."""
     return [f"recipe.bare_spin_ms={spin_ms}", f"recipe.result={result}"]
+
+
+def summary(runs: list[dict[str, dict[str, float]]]) -> list[tuple[str, float, float, float, float, float]]:
+    """Per clock: the medians of the bare and traindeck steps/s, and the median, lowest and highest ratio."""
+    rows = []
+    for clock in ("wall", "cpu"):
+        ratios = [r["traindeck"][clock] / r["bare"][clock] for r in runs]
+        rows.append((clock, statistics.median(r["bare"][clock] for r in runs),
+                     statistics.median(r["traindeck"][clock] for r in runs), statistics.median(ratios), min(ratios),
+                     max(ratios)))
+    return rows
 
 
 def read_result(path: Path) -> dict[str, dict[str, float]]:

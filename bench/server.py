@@ -162,12 +162,9 @@ def bench_loop(args: argparse.Namespace) -> None:
     print(f"{'step':>8} {'clock':>6} {'bare':>9} {'serve+ws':>9} {'ratio':>6} {'range':>13} {'target':>7}")
     for step_ms, steps, target in ((1.0, args.steps_1ms, 0.98), (0.1, args.steps_01ms, 0.95)):
         runs = [serve_loop(steps, step_ms) for _ in range(args.repeats)]
-        for clock in ("wall", "cpu"):
-            bare = statistics.median(r["bare"][clock] for r in runs)
-            served = statistics.median(r["traindeck"][clock] for r in runs)
-            ratios = [r["traindeck"][clock] / r["bare"][clock] for r in runs]
-            print(f"{step_ms:>6}ms {clock:>6} {bare:>9.1f} {served:>9.1f} {statistics.median(ratios):>6.3f} "
-                  f"{min(ratios):>6.3f}-{max(ratios):<6.3f} {target:>7}", flush=True)
+        for clock, bare, served, ratio, low, high in paired.summary(runs):
+            print(f"{step_ms:>6}ms {clock:>6} {bare:>9.1f} {served:>9.1f} {ratio:>6.3f} {low:>6.3f}-{high:<6.3f} "
+                  f"{target:>7}", flush=True)
     print("ratio: median over the repeats of served/bare steps/s (range: lowest-highest repeat)")
 
 
