@@ -92,7 +92,8 @@ class TrainerConfig(_Section):
                                        min=0)
     weights_format: str = _setting("safetensors", "format of checkpoint weights and exports",
                                    choices=("safetensors", "pt"))
-    log_every: int = _setting(10, "print a plain-text progress line every N steps (0: never)", min=0)
+    log_every: int = _setting(10, "print a plain-text progress line every N steps, at most one a second (0: never)",
+                              min=0)
     status_every_s: float = _setting(1.0, "seconds between status messages to the dashboard", above=0)
     tensorboard: bool = _setting(False, "also write TensorBoard event files in the run directory")
     deterministic: bool = _setting(True, "deterministic cuDNN algorithms, no benchmark autotuning")

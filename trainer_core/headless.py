@@ -22,6 +22,7 @@ from trainer_core.progress import format_duration
 
 PRIME_TIMEOUT_S = 1.0
 TTY_REFRESH_S = 0.25
+LINE_MIN_INTERVAL_S = 1.0
 BAR_WIDTH = 24
 
 
@@ -106,7 +107,10 @@ class StdinChannel:
                 self._next_draw = now + TTY_REFRESH_S
                 self._draw()
         elif self.log_every and step % self.log_every == 0:
-            self._draw()
+            now = time.monotonic()
+            if now >= self._next_draw:  # a fast loop would otherwise fill a log with hundreds of lines a second
+                self._next_draw = now + LINE_MIN_INTERVAL_S
+                self._draw()
 
     def _draw(self, force_newline: bool = False) -> None:
         metrics = self._last_metrics

@@ -177,3 +177,14 @@ def test_a_terminal_gets_a_progress_bar(tmp_path: Path) -> None:
         os.close(primary)
     text = b"".join(chunks).decode(errors="replace")
     assert "\r[" in text and "steps/s" in text and "ETA" in text
+
+
+def test_plain_progress_lines_come_every_log_every_steps_but_at_most_one_a_second() -> None:
+    out = io.StringIO()
+    channel = StdinChannel(None, out, log_every=2)
+    channel.send({"type": "status", "iterations": 1000})
+    for step in range(1, 201):  # far faster than a second
+        channel.send({"type": "metrics", "step": step, "time": 0.0,
+                      "values": {"train/loss": 1.0, "train/steps_per_s": 1000.0}})
+    lines = out.getvalue().splitlines()
+    assert lines == ["step 2/1000 loss 1.0000 1000.0 steps/s ETA 1s"]
