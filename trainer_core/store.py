@@ -23,7 +23,6 @@ query a run while it trains (WAL mode lets readers and the writer proceed togeth
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import operator
@@ -37,6 +36,7 @@ from typing import Any
 from urllib.parse import quote
 
 from trainer_core import store_blocks
+from trainer_core.sqlite_rows import insert_rows
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS metrics(step INTEGER, name TEXT, value REAL, time REAL, "
@@ -45,7 +45,6 @@ SCHEMA = (
     store_blocks.SCHEMA,
 )
 INSERT_METRICS = "INSERT OR REPLACE INTO metrics(step, name, value, time) VALUES "
-MAX_ROWS_PER_INSERT = 4096
 INSERT_EVENT = "INSERT OR REPLACE INTO events(id, time, step, kind, data) VALUES (?, ?, ?, ?, ?)"
 
 FLUSH_INTERVAL_S = 0.25
@@ -76,9 +75,8 @@ def _metric_rows(step: int, values: Mapping[str, Any], now: float) -> list[Metri
 def _flatten(batch: list[tuple[int, Mapping[str, float | None], float]]) -> tuple[list[Any], set[str], int, int]:
     """The batch as one flat parameter list (step, name, value, time per row), its names and step range.
 
-    The writer binds many rows to one statement: ``executemany`` would release and retake the GIL
-    once per row, and each retake may wait for the training thread. The rows are laid out by C
-    iterators, one call per logged step, since the writer's Python time is taken from the loop's
+    The writer binds many rows to one statement (see :mod:`trainer_core.sqlite_rows`). The rows are
+    laid out by C iterators, one call per logged step, since the writer's Python time is taken from the loop's
     (a NaN binds as NULL by itself).
     """
     flat: list[Any] = []
@@ -95,11 +93,6 @@ def _flatten(batch: list[tuple[int, Mapping[str, float | None], float]]) -> tupl
         elif step < low:
             low = step
     return flat, names, low, high
-
-
-@functools.cache
-def _insert_statement(rows: int) -> str:
-    return INSERT_METRICS + ", ".join(["(?, ?, ?, ?)"] * rows)
 
 
 def _event_json(kind: str, data: Mapping[str, Any] | None) -> tuple[dict[str, Any], str]:
@@ -322,27 +315,15 @@ class MetricsStore:
                 store_blocks.truncate(conn, names, truncate)
             if batch:
                 flat, names, low, high = _flatten(batch)
-                self._insert_rows(flat)
-                wide = set(store_blocks.refresh_ranges(conn, dict.fromkeys(names, (low, high))))
-                if wide:
-                    store_blocks.refresh(conn, ((name, step) for step, name in zip(flat[::4], flat[1::4], strict=True)
-                                                if name in wide))
+                insert_rows(conn, INSERT_METRICS, 4, flat)
+                if not store_blocks.refresh_span(conn, names, low, high):
+                    store_blocks.refresh(conn, zip(flat[1::4], flat[::4], strict=True))
             if events:
                 conn.executemany(INSERT_EVENT, events)
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
-
-    def _insert_rows(self, flat: list[Any]) -> None:
-        """Insert with statements of power-of-two row counts: a handful of texts, each parsed once and cached."""
-        largest = min(MAX_ROWS_PER_INSERT, self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 4)
-        largest = 1 << (max(1, largest).bit_length() - 1)
-        start, rows = 0, len(flat) // 4
-        while rows:
-            count = min(largest, 1 << (rows.bit_length() - 1))
-            self._conn.execute(_insert_statement(count), flat[start:start + 4 * count])
-            start, rows = start + 4 * count, rows - count
 
 
 # -- the read side: any process, read-only, a missing file reads as empty ----------------------

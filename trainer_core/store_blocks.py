@@ -15,8 +15,10 @@ the raw rows, and :func:`rebuild` recreates it from ``metrics``.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from typing import Any
+
+from trainer_core.sqlite_rows import insert_rows
 
 BLOCK = 64
 TABLE = "metric_blocks"
@@ -76,23 +78,19 @@ def refresh(conn: sqlite3.Connection, touched: Iterable[tuple[str, int]]) -> Non
     conn.executemany(_REFRESH, [{"name": name, "block": block} for name, block in keys])
 
 
-def refresh_ranges(conn: sqlite3.Connection, spans: Mapping[str, Sequence[int]]) -> list[str]:
-    """Recompute every block between each name's lowest and highest logged step.
+def refresh_span(conn: sqlite3.Connection, names: Iterable[str], low: int, high: int) -> bool:
+    """Recompute every block of ``names`` between steps ``low`` and ``high``; False (and nothing done) when too wide.
 
-    A running loop's batch covers a short span of consecutive steps, so these are about the
-    blocks it wrote to (a block a name has no row in is left alone). Names whose span reaches over
-    more than ``MAX_SPAN_BLOCKS`` blocks (steps logged far apart) are returned instead, for
-    :func:`refresh` with their exact steps, so a refresh never walks a long stretch of empty blocks.
+    A running loop's batch covers a short span of consecutive steps, so these are about the blocks
+    it wrote to (a block a name has no row in is left alone). A span over more than
+    ``MAX_SPAN_BLOCKS`` blocks (steps logged far apart) is left to :func:`refresh` with the exact
+    steps, so a refresh never walks a long stretch of empty blocks.
     """
-    wide, keys = [], []
-    for name, (low, high) in spans.items():
-        first, last = low // BLOCK, high // BLOCK
-        if last - first > MAX_SPAN_BLOCKS:
-            wide.append(name)
-        else:
-            keys.extend({"name": name, "block": block} for block in range(first, last + 1))
-    conn.executemany(_REFRESH, keys)
-    return wide
+    first, last = low // BLOCK, high // BLOCK
+    if last - first > MAX_SPAN_BLOCKS:
+        return False
+    conn.executemany(_REFRESH, [{"name": name, "block": block} for name in names for block in range(first, last + 1)])
+    return True
 
 
 def truncate(conn: sqlite3.Connection, names: Iterable[str], step: int) -> None:
@@ -152,21 +150,13 @@ def bucket_rows(lo: int, hi: int, max_points: int, use_blocks: bool) -> list[tup
     return rows
 
 
-def _insert_buckets(conn: sqlite3.Connection, rows: list[tuple[int, ...]]) -> None:
-    """Many rows per statement: ``executemany`` gives up the GIL once per row, and the server reads in threads."""
-    per_statement = max(1, min(1024, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 7))
-    for start in range(0, len(rows), per_statement):
-        chunk = rows[start:start + per_statement]
-        conn.execute("INSERT INTO temp.buckets VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk)),
-                     [value for row in chunk for value in row])
-
-
 def downsample(conn: sqlite3.Connection, name: str, lo: int, hi: int, max_points: int,
                use_blocks: bool) -> Series:
     """Last step, its value, and min/max of every non-empty bucket of ``[lo, hi]``."""
     use_blocks = use_blocks and bucket_grid(lo, hi, max_points)[1] >= MIN_BLOCKS_PER_BUCKET * BLOCK
     conn.execute("DELETE FROM temp.buckets")
-    _insert_buckets(conn, bucket_rows(lo, hi, max_points, use_blocks))
+    insert_rows(conn, "INSERT INTO temp.buckets VALUES ", 7,
+                [value for row in bucket_rows(lo, hi, max_points, use_blocks) for value in row])
     args = {"name": name}
     if not use_blocks:
         rows = conn.execute(_SINGLE_PASS, args).fetchall()

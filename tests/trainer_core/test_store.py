@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trainer_core import store
+from trainer_core import sqlite_rows, store
 from trainer_core.store import MetricsStore, StoreError, query_metrics
 
 
@@ -323,7 +323,7 @@ def test_downsampling_stays_exact_after_rows_are_replaced_and_truncated(
 
 
 def test_one_batch_larger_than_a_statement_holds_is_written_whole(db: Path) -> None:
-    points = {step: math.cos(step / 11.0) for step in range(3 * store.MAX_ROWS_PER_INSERT // 2)}
+    points = {step: math.cos(step / 11.0) for step in range(3 * sqlite_rows.MAX_ROWS_PER_STATEMENT // 2)}
     with MetricsStore(db, flush_interval=3600, batch_rows=10**9) as writer:
         for step, value in points.items():
             writer.log_metrics(step, {"a": value, "b": -value})
