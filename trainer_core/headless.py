@@ -84,7 +84,7 @@ class StdinChannel:
             if "train/loss" in message["values"]:
                 self._last_metrics = message
                 if self.tty or (self.log_every and message["step"] % self.log_every == 0):
-                    self._maybe_draw(message["step"])
+                    self._maybe_draw()
         elif kind == "status":
             self._last_status = message
         elif kind == "result":
@@ -100,17 +100,12 @@ class StdinChannel:
 
     # -- output --------------------------------------------------------------------------------
 
-    def _maybe_draw(self, step: int) -> None:
-        if self.tty:
-            now = time.monotonic()
-            if now >= self._next_draw:
-                self._next_draw = now + TTY_REFRESH_S
-                self._draw()
-        elif self.log_every and step % self.log_every == 0:
-            now = time.monotonic()
-            if now >= self._next_draw:  # a fast loop would otherwise fill a log with hundreds of lines a second
-                self._next_draw = now + LINE_MIN_INTERVAL_S
-                self._draw()
+    def _maybe_draw(self) -> None:
+        """Draw when the last draw is old enough: a fast loop would otherwise fill a log with lines."""
+        now = time.monotonic()
+        if now >= self._next_draw:
+            self._next_draw = now + (TTY_REFRESH_S if self.tty else LINE_MIN_INTERVAL_S)
+            self._draw()
 
     def _draw(self, force_newline: bool = False) -> None:
         metrics = self._last_metrics

@@ -28,8 +28,6 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def as_step_output(out: Any, engine_names: list[str]) -> StepOutput:
-    if type(out) is torch.Tensor and len(engine_names) == 1:
-        return StepOutput({engine_names[0]: out})
     if isinstance(out, StepOutput):
         losses = out.losses
     elif isinstance(out, torch.Tensor):

@@ -173,14 +173,12 @@ class Trainer:
         self.tokens_seen += steps.last_tokens
         now = time.perf_counter()
         values["train/steps_per_s"] = self.rate.tick(now)
-        feed = self._feed
-        values["train/epoch"] = feed.epoch + feed.consumed / feed.batches_per_epoch  # DataFeed.epoch_progress
+        values["train/epoch"] = self._feed.epoch_progress
         self._log_metrics(step, values)
         self._send({"type": "metrics", "step": step, "time": time.time(), "values": values})
         if nonfinite:
             self._on_nonfinite()
-        if (self._save_every and step % self._save_every == 0) or (self._eval_every and step % self._eval_every == 0):
-            self._periodic()
+        self._periodic()
         if self.distributed or now >= self._next_poll or self.controller.scheduler.has_due(step):
             self._service(now=now)
 
