@@ -85,7 +85,7 @@ class TrainerConfig(_Section):
                           choices=("float32", "bfloat16", "float16"))
     grad_accumulation: int = _setting(1, "micro-batches per optimizer step", min=1)
     grad_clip: float = _setting(0.0, "clip the gradient norm to this (0: off; grad_norm is measured anyway)", min=0)
-    grad_norm_every: int = _setting(10, "without clipping, measure grad_norm every N steps (with clipping: every "
+    grad_norm_every: int = _setting(50, "without clipping, measure grad_norm every N steps (with clipping: every "
                                     "step)", min=1)
     detect_anomaly: bool = _setting(False, "torch.autograd anomaly detection (slow; for debugging)")
     nonfinite_patience: int = _setting(10, "non-finite losses in a row (updates skipped) before the run pauses",

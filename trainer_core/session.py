@@ -44,6 +44,14 @@ class Session:
         if self.tensorboard is not None:
             self.tensorboard.log(step, values)
 
+    def log_steps(self, rows: list[tuple[int, dict[str, float], float]]) -> None:
+        """The loop's float metrics of several steps, each ``(step, values, time)``."""
+        if self.store is not None:
+            self.store.log_float_steps(rows)
+        if self.tensorboard is not None:
+            for step, values, _ in rows:
+                self.tensorboard.log(step, values)
+
     def evaluate(self, step: int) -> dict[str, float]:
         """Run the recipe's eval without disturbing the training RNG streams (exact resume holds)."""
         if self.recipe.eval is None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -61,6 +61,8 @@ class StepRunner:
         self.nonfinite_total = 0
         self.last_samples = 0
         self.last_tokens = 0
+        self.samples_seen = 0  # over the whole run: the loop saves and restores them with its state
+        self.tokens_seen = 0
         # The common case (one engine, no accumulation, no activation meter) has its own path:
         # at 0.1 ms steps every call and lookup the loop adds is a measurable share of the step.
         self.fast = self.single and self.accumulation == 1 and self.meter is None
@@ -69,12 +71,17 @@ class StepRunner:
         self._recipe_step = session.recipe.step
         self._engine_map = session.engines
         self._amp = self._engine.amp_dtype is not None
+        self._scaled = self._engine.scaler is not None
 
     def run(self, step: int) -> tuple[dict[str, float], bool]:
         """Train one optimizer step; returns its metric values and whether it was skipped as non-finite."""
         if self.fast:
             return self._run_single(step)
         return self._run_general(step)
+
+    def step_function(self) -> Callable[[int], tuple[dict[str, float], bool]]:
+        """``run`` without its dispatch: the path this runner takes every step, for the loop to call."""
+        return self._run_single if self.fast else self._run_general
 
     def _run_single(self, step: int) -> tuple[dict[str, float], bool]:
         start = time.perf_counter()
@@ -98,7 +105,7 @@ class StepRunner:
         value = loss.item()
         finite = value - value == 0.0  # False for nan and for +-inf
         if finite:
-            engine.backward_scale(loss).backward()
+            (engine.backward_scale(loss) if self._scaled else loss).backward()
         norm = engine.finish_update(self.grad_clip, apply=finite, measure=(step + 1) % self.grad_norm_every == 0)
         if finite:
             self.nonfinite_streak = 0
@@ -122,6 +129,8 @@ class StepRunner:
             metrics[f"train/{key}"] = float(value)
         metrics["train/step_time"] = elapsed
         self.last_samples, self.last_tokens = output.samples or 0, output.tokens or 0
+        self.samples_seen += self.last_samples
+        self.tokens_seen += self.last_tokens
         if self.last_samples:
             metrics["train/samples_per_s"] = self.last_samples / elapsed
         if self.last_tokens:
@@ -166,6 +175,8 @@ class StepRunner:
             stats, samples, tokens = {}, 0, 0
         elapsed = time.perf_counter() - start
         self.last_samples, self.last_tokens = samples, tokens
+        self.samples_seen += samples
+        self.tokens_seen += tokens
         metrics = self._metrics(totals if finite else dict.fromkeys(self.names, math.nan), stats, norms, lrs, elapsed)
         if samples:
             metrics["train/samples_per_s"] = samples / elapsed

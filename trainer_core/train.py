@@ -2,8 +2,10 @@
 
 It sees the outside world only through a :class:`~trainer_core.channel.Channel`: it polls for
 command requests at step boundaries and sends metrics, status, events and results. The hot
-path per step is kept to the model's own work plus a few dict operations; command polling and
-status messages are throttled by wall-clock time.
+path per step is kept to the model's own work plus a few dict operations. Polling is throttled
+by wall-clock time, and each step's metrics wait in a list until the next poll: the store and
+the channel take them there, a batch at a time, so a short step does not pay for two calls,
+two locks and a message of its own.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from trainer_core.session import Session, build_session
 from trainer_core.signals import StopFlag
 from trainer_core.steps import StepRunner
 
-POLL_INTERVAL_S = 0.01
+POLL_INTERVAL_S = 0.01  # also how long a step's metrics may wait before the store and the channel see them
 DISTRIBUTED_POLL_STEPS = 10
 PAUSED_POLL_S = 0.05
 
@@ -42,6 +44,8 @@ NONFINITE = "nonfinite_total"
 VERSION = "version"
 STATE_VERSION = 1
 TRAINER_STATE = "trainer_state"
+EPOCH_METRIC = "train/epoch"
+RATE_METRIC = "train/steps_per_s"
 
 
 def run(
@@ -80,6 +84,8 @@ def report_crash(channel: Channel, trainer: Trainer | None, exc: BaseException) 
     text = "".join(traceback.format_exception(exc))
     if trainer is not None:
         with contextlib.suppress(Exception):
+            trainer.flush_metrics()
+        with contextlib.suppress(Exception):
             trainer.emit_event("alert", {"level": "error", "message": f"trainer crashed: {exc!r}", "traceback": text})
     channel.send({"type": "crash", "traceback": text})
 
@@ -96,8 +102,6 @@ class Trainer:
         self.distributed = distributed.is_initialized()
         self.iterations = self.cfg.trainer.iterations
         self.step = 0
-        self.samples_seen = 0
-        self.tokens_seen = 0
         self.paused = False
         self.quit_reason: str | None = None
         self.last_saved_step = -1
@@ -107,16 +111,15 @@ class Trainer:
         self.checkpoints = CheckpointManager(
             session.run_dir, keep_last=self.cfg.trainer.keep_last, weights_format=self.cfg.trainer.weights_format
         )
-        self.controller = Controller(self, self.emit_event, self.channel.send)
+        self.controller = Controller(self, self.emit_event, self.say)
         self.steps = StepRunner(session, self.cfg.trainer)
+        self._run_step = self.steps.step_function()
+        self._pending: list[tuple[int, float, dict[str, float]]] = []  # (step, perf_counter, values) not yet flushed
         self._next_poll = 0.0
         self._next_status = 0.0
         self._save_every = max(0, self.cfg.trainer.save_frequency)
         self._eval_every = max(0, self.cfg.trainer.eval_frequency) if session.recipe.eval is not None else 0
-        store = session.store
-        self._log_metrics = store.log_float_metrics if store is not None and session.tensorboard is None else (
-            session.log_metrics)
-        self._send = channel.send
+        self._has_due = self.controller.scheduler.has_due
         self._feed = session.feed
 
     # -- start / stop -------------------------------------------------------------------------
@@ -166,21 +169,44 @@ class Trainer:
         return self._finish()
 
     def _train_one(self) -> None:
-        steps = self.steps
-        values, nonfinite = steps.run(self.step)
+        values, nonfinite = self._run_step(self.step)
         self.step = step = self.step + 1
-        self.samples_seen += steps.last_samples
-        self.tokens_seen += steps.last_tokens
+        values[EPOCH_METRIC] = self._feed.epoch_progress
         now = time.perf_counter()
-        values["train/steps_per_s"] = self.rate.tick(now)
-        values["train/epoch"] = self._feed.epoch_progress
-        self._log_metrics(step, values)
-        self._send({"type": "metrics", "step": step, "time": time.time(), "values": values})
+        self._pending.append((step, now, values))
         if nonfinite:
             self._on_nonfinite()
-        self._periodic()
-        if self.distributed or now >= self._next_poll or self.controller.scheduler.has_due(step):
+        if (self._save_every and step % self._save_every == 0) or (self._eval_every and step % self._eval_every == 0):
+            self._periodic()
+        if self.distributed or now >= self._next_poll or self._has_due(step):
             self._service(now=now)
+
+    def flush_metrics(self) -> None:
+        """Hand the steps trained since the last flush to the store and the channel.
+
+        Runs at every poll and before anything else the loop says (``say``, ``emit_event``), so
+        an event or a result never overtakes the metrics of the steps before it. The rate is
+        worked out here from each step's end time, in step order, as ``RateMeter`` expects.
+        """
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        offset = time.time() - time.perf_counter()
+        tick = self.rate.tick
+        rows = []
+        for step, at, values in pending:
+            values[RATE_METRIC] = tick(at)
+            rows.append((step, values, at + offset))
+        self.s.log_steps(rows)
+        send = self.channel.send
+        for step, values, wall in rows:
+            send({"type": "metrics", "step": step, "time": wall, "values": values})
+
+    def say(self, message: dict[str, Any]) -> None:
+        """Send ``message`` after the metrics of the steps already trained."""
+        self.flush_metrics()
+        self.channel.send(message)
 
     def _periodic(self) -> None:
         if self._save_every and self.step % self._save_every == 0 and self.step < self.iterations:
@@ -189,6 +215,7 @@ class Trainer:
             self._run_internal("eval")
 
     def _run_internal(self, line: str) -> None:
+        self.flush_metrics()
         self.controller.submit(f"auto-{line}-{self.step}", line, source="trainer")
         self.rate.mark_idle()
 
@@ -198,6 +225,7 @@ class Trainer:
         With several ranks the poll is collective, so it happens on a step schedule that every
         rank shares rather than on each rank's own clock.
         """
+        self.flush_metrics()
         self.controller.run_due()
         now = time.perf_counter() if now is None else now
         if self.distributed:
@@ -214,7 +242,7 @@ class Trainer:
             self.quit_reason = f"signal {stop_signal}"
         if force or now >= self._next_status:
             self._next_status = now + self.cfg.trainer.status_every_s
-            self.channel.send(self.status())
+            self.say(self.status())
 
     def _exchange(self) -> tuple[list[Any], str | None]:
         """The leader's command requests and stop signal, as every rank sees them."""
@@ -237,6 +265,7 @@ class Trainer:
             self.emit_event("alert", {"level": "error", "message": f"paused: {streak} non-finite losses in a row"})
 
     def _finish(self) -> int:
+        self.flush_metrics()
         reason = self.quit_reason or "finished"
         t = self.cfg.trainer
         if (reason == "finished" or t.save_on_quit) and self.step != self.last_saved_step:
@@ -244,11 +273,13 @@ class Trainer:
         if reason != "finished" and t.export_on_quit:
             self._run_internal("export")
         self.emit_event("finish", {"exit_code": 0, "reason": reason})
-        self.channel.send(self.status(state="finished" if reason == "finished" else "stopped"))
+        self.say(self.status(state="finished" if reason == "finished" else "stopped"))
         return 0
 
     def close(self) -> None:
         gc.unfreeze()
+        with contextlib.suppress(Exception):  # steps trained just before an interrupt still reach the store
+            self.flush_metrics()
         self.s.close()
 
     # -- actions (trainer_core.control.Actions) -------------------------------------------------
@@ -281,7 +312,7 @@ class Trainer:
         metrics = self.s.evaluate(self.step)
         values = {f"eval/{k}": v for k, v in metrics.items()}
         self.s.log_metrics(self.step, values)
-        self.channel.send({"type": "metrics", "step": self.step, "time": time.time(), "values": values})
+        self.say({"type": "metrics", "step": self.step, "time": time.time(), "values": values})
         self.emit_event("eval", {"metrics": metrics})
         return metrics
 
@@ -291,7 +322,7 @@ class Trainer:
     def set_paused(self, paused: bool) -> None:
         self.paused = paused
         self.emit_event("pause" if paused else "resume", {})
-        self.channel.send(self.status())
+        self.say(self.status())
 
     def set_lr(self, value: float) -> float:
         lr = 0.0
@@ -332,6 +363,7 @@ class Trainer:
         }
 
     def emit_event(self, kind: str, data: dict[str, Any]) -> dict[str, Any] | None:
+        self.flush_metrics()
         if self.s.store is None:
             return None
         row = self.s.store.log_event(kind, self.step, data)
@@ -351,8 +383,8 @@ class Trainer:
         parts[TRAINER_STATE] = {
             VERSION: STATE_VERSION,
             STEP: self.step,
-            SAMPLES: self.samples_seen,
-            TOKENS: self.tokens_seen,
+            SAMPLES: self.steps.samples_seen,
+            TOKENS: self.steps.tokens_seen,
             NONFINITE: self.steps.nonfinite_total,
             ENGINES: engine_state,
             RANKS: distributed.gather_objects({"rng": rng.capture(), "data": self.s.feed.state_dict()}),
@@ -382,7 +414,7 @@ class Trainer:
         rng.restore(mine["rng"])
         self.controller.scheduler.load_state_dict(state[COMMANDS])
         self.step = int(state[STEP])
-        self.samples_seen = int(state.get(SAMPLES, 0))
-        self.tokens_seen = int(state.get(TOKENS, 0))
+        self.steps.samples_seen = int(state.get(SAMPLES, 0))
+        self.steps.tokens_seen = int(state.get(TOKENS, 0))
         self.steps.nonfinite_total = int(state.get(NONFINITE, 0))
 

@@ -30,7 +30,7 @@ DOCUMENTED_DEFAULTS = {
     "trainer": {
         "iterations": 1000, "save_frequency": 0, "eval_frequency": 0, "keep_last": 3, "save_on_quit": True,
         "export_on_save": False, "export_on_quit": False, "seed": 0, "device": "auto", "dtype": "float32",
-        "grad_accumulation": 1, "grad_clip": 0.0, "grad_norm_every": 10, "detect_anomaly": False,
+        "grad_accumulation": 1, "grad_clip": 0.0, "grad_norm_every": 50, "detect_anomaly": False,
         "nonfinite_patience": 10,
         "weights_format": "safetensors", "log_every": 10, "status_every_s": 1.0, "tensorboard": False,
         "deterministic": True,

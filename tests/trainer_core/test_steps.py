@@ -54,8 +54,10 @@ def dataset(count: int = 64) -> TensorDataset:
 def build_linear(config: Config) -> Recipe:
     """One linear model. recipe.output: tensor | dict | full (a StepOutput with stats, samples and tokens);
     recipe.bad_calls: the step calls (counted from 0, one per micro-batch) whose loss is multiplied by recipe.bad;
-    recipe.extra: an engine name the step also returns a loss for (a dict output)."""
+    recipe.extra: an engine name the step also returns a loss for (a dict output);
+    recipe.raise_at: the step call that raises a RuntimeError."""
     opts = config.recipe
+    raise_at = opts.get("raise_at")
     bad_calls = set(opts.get("bad_calls", []))
     bad = float(opts.get("bad", "nan"))
     output = opts.get("output", "tensor")
@@ -63,6 +65,8 @@ def build_linear(config: Config) -> Recipe:
     calls: list[int] = []
 
     def step(engines: Any, batch: Any) -> Any:
+        if len(calls) == raise_at:
+            raise RuntimeError("the step failed on purpose")
         x, y = batch
         pred = engines.model(x)
         loss = F.mse_loss(pred, y)
@@ -183,7 +187,8 @@ def test_the_fast_path_and_the_general_path_log_identical_values_in_the_same_ord
     assert math.isnan(fast_rows[4][1]["train/loss"])
     assert len({values["train/lr"] for _, values in fast_rows}) > 3  # the schedule moved the lr
     assert same(params_of(fast.s.engines.model), general.s.engines.model)
-    assert (fast.samples_seen, fast.tokens_seen) == (general.samples_seen, general.tokens_seen)
+    seen = (fast.steps.samples_seen, fast.steps.tokens_seen)
+    assert seen == (general.steps.samples_seen, general.steps.tokens_seen)
     assert fast.steps.nonfinite_total == general.steps.nonfinite_total == 1
 
 
@@ -261,7 +266,7 @@ def test_a_skipped_accumulated_step_logs_no_stats_and_counts_no_samples_like_a_s
         dropped_samples = runner.last_samples
     # The general path keeps what the first micro-batch added before the break: it logs train/mae and
     # train/call as half of that micro-batch's values (divided by 2 micro-batches, of which one counted),
-    # logs train/samples_per_s, and reports 4 samples trained, which the loop adds to samples_seen although
+    # logs train/samples_per_s, and reports 4 samples trained, which would go into samples_seen although
     # the update was thrown away. The fast path logs none of these for a skipped step.
     assert sorted(accumulated) == sorted(single), "a skipped accumulated step logs stats of a discarded micro-batch"
     assert dropped_samples == 0, "a skipped accumulated step counts the discarded micro-batch's samples"
@@ -299,7 +304,7 @@ def test_a_plain_loss_tensor_logs_no_samples_or_tokens_rates(tmp_path: Path, fas
 
 def test_the_loop_counts_samples_and_tokens_from_step_outputs(tmp_path: Path) -> None:
     trainer, channel = run_loop(tmp_path, LINEAR, "recipe.output=full", "trainer.iterations=3")
-    assert (trainer.samples_seen, trainer.tokens_seen) == (3 * BATCH, 3 * BATCH * FEATURES)
+    assert (trainer.steps.samples_seen, trainer.steps.tokens_seen) == (3 * BATCH, 3 * BATCH * FEATURES)
     assert sorted(series(channel, "train/tokens_per_s")) == [1, 2, 3]
 
 

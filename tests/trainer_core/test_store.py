@@ -379,10 +379,10 @@ def test_unknown_names_come_back_empty_next_to_known_ones(db: Path) -> None:
     assert result["a"]["value"] == [1.0]
 
 
-def test_float_metrics_from_the_loop_are_stored_like_checked_ones(db: Path) -> None:
+def test_float_steps_from_the_loop_are_stored_like_checked_ones(db: Path) -> None:
     with MetricsStore(db) as writer:
-        writer.log_float_metrics(1, {"a": 1.5, "b": math.nan})
-        writer.log_metrics(2, {"a": 2.5, "b": 3.0})
+        writer.log_float_steps([(1, {"a": 1.5, "b": math.nan}, 100.0), (2, {"a": 2.5}, 101.0)])
+        writer.log_metrics(3, {"a": 3.5, "b": 3.0})
     got = query_metrics(db, ["a", "b"])
-    assert got["a"]["step"] == [1, 2] and got["a"]["value"] == [1.5, 2.5]
-    assert got["b"]["value"] == [None, 3.0]
+    assert got["a"]["step"] == [1, 2, 3] and got["a"]["value"] == [1.5, 2.5, 3.5]
+    assert got["b"]["step"] == [1, 3] and got["b"]["value"] == [None, 3.0]

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.trainer_core.loop_helpers import small_config, train
+from tests.trainer_core.loop_helpers import ScriptedChannel, small_config, train
 from trainer_core.checkpoint import list_checkpoints
+from trainer_core.recipe import resolve_config
+from trainer_core.train import run
+
+LINEAR = "tests.trainer_core.test_steps:build_linear"
 
 
 def losses(run_dir: Path, name: str = "train/loss") -> list[tuple[int, float]]:
@@ -37,6 +42,34 @@ def test_every_step_writes_one_row_per_metric_to_the_store(tmp_path: Path) -> No
     for name in ("train/lr", "train/step_time", "train/steps_per_s", "train/accuracy",
                  "train/tokens_per_s", "train/samples_per_s", "train/epoch"):
         assert len(losses(tmp_path, name)) == 5, name
+
+
+def test_metrics_reach_the_channel_in_step_order_and_before_every_later_message(tmp_path: Path) -> None:
+    started = time.time()
+    _, channel = train(tmp_path, small_config("trainer.iterations=7", "trainer.save_frequency=3",
+                                              "trainer.eval_frequency=2"))
+    trained: list[int] = []
+    for message in channel.sent:
+        if message["type"] == "metrics" and "train/loss" in message["values"]:
+            trained.append(message["step"])
+            assert started <= message["time"] <= time.time()
+        elif message.get("step"):  # events, results and status: the metrics of their step came first
+            assert trained[-1] == message["step"], message
+    assert trained == list(range(1, 8))
+    times = [m["time"] for m in channel.of_type("metrics") if "train/loss" in m["values"]]
+    assert times == sorted(times)
+    assert len(events(tmp_path, "checkpoint")) == 3 and len(events(tmp_path, "eval")) == 3
+
+
+def test_a_crash_keeps_the_metrics_of_the_steps_trained_before_it(tmp_path: Path) -> None:
+    config = resolve_config(LINEAR, None, ["trainer.iterations=50", "recipe.raise_at=5", "trainer.log_every=0"])
+    channel = ScriptedChannel()
+    with pytest.raises(RuntimeError, match="on purpose"):
+        run(LINEAR, config, tmp_path, resume=False, channel=channel, install_signal_handlers=False)
+    assert [step for step, _ in losses(tmp_path)] == [1, 2, 3, 4, 5]
+    kinds = [m["type"] for m in channel.sent]
+    assert kinds[-1] == "crash" and kinds.count("crash") == 1
+    assert [m["step"] for m in channel.of_type("metrics")] == [1, 2, 3, 4, 5]
 
 
 def test_loss_falls_on_the_demo(tmp_path: Path) -> None:
