@@ -29,6 +29,18 @@ class RateMeter:
         self._last = now
         return self.steps_per_s
 
+    def tick_many(self, times: list[float]) -> list[float]:
+        """``tick`` for each of ``times`` in order, as one call: the loop hands over its steps in batches."""
+        rates = []
+        last, rate, smoothing = self._last, self.steps_per_s, self.smoothing
+        for now in times:
+            if last is not None and now > last:
+                rate = 1.0 / (now - last) if rate == 0.0 else rate + smoothing * (1.0 / (now - last) - rate)
+            last = now
+            rates.append(rate)
+        self._last, self.steps_per_s = last, rate
+        return rates
+
     def mark_idle(self) -> None:
         self._last = None
 

@@ -109,12 +109,13 @@ def test_commands_are_applied_and_each_gets_one_result(tmp_path: Path) -> None:
 
 
 def test_lr_command_sets_the_lr_of_the_next_step_and_the_schedule_continues(tmp_path: Path) -> None:
-    train(tmp_path, small_config("trainer.iterations=6", "optimizer.warmup_steps=0"), [(3, "lr 0.0001")])
+    train(tmp_path, small_config("trainer.iterations=40", "optimizer.warmup_steps=0"), [(3, "lr 0.0001")])
     lrs = dict(losses(tmp_path, "train/lr"))
-    assert lrs[3] > 1e-3
-    assert lrs[4] == pytest.approx(1e-4)
-    assert lrs[5] < lrs[4]
-    assert [step for step, _ in events(tmp_path, "lr")] == [3]
+    [applied] = [step for step, _ in events(tmp_path, "lr")]  # the first poll at or after step 3
+    assert 3 <= applied <= 38
+    assert lrs[applied] > 1e-3
+    assert lrs[applied + 1] == pytest.approx(1e-4)
+    assert lrs[applied + 2] < lrs[applied + 1]
 
 
 def test_scheduled_quit_stops_at_that_step_and_saves(tmp_path: Path) -> None:
