@@ -8,7 +8,7 @@ thread's CPU time. Each repeat is one paired run in a fresh process; the ratio p
 median over the repeats, with their range. ``--calibrate`` also pairs the bare loop with itself,
 which shows the method's own spread.
 
-    python bench/loop_overhead.py [--repeats 9] [--steps-1ms 2000] [--steps-01ms 5000] [--calibrate]
+    python bench/loop_overhead.py [--repeats 15] [--steps-1ms 2000] [--steps-01ms 5000] [--calibrate]
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def report(spin_ms: float, runs: list[dict[str, dict[str, float]]], target: floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--steps-1ms", type=int, default=2000)
     parser.add_argument("--steps-01ms", type=int, default=5000)
     parser.add_argument("--calibrate", action="store_true", help="also pair the bare loop with itself")
