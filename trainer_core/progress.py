@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 
 class RateMeter:
     """Steps/s as an exponential moving average over wall-clock step intervals.
@@ -16,21 +14,12 @@ class RateMeter:
         self.steps_per_s = 0.0
         self._last: float | None = None
 
-    def tick(self, now: float | None = None) -> float:
-        now = time.perf_counter() if now is None else now
-        if self._last is not None:
-            interval = now - self._last
-            if interval > 0:
-                rate = 1.0 / interval
-                if self.steps_per_s == 0.0:
-                    self.steps_per_s = rate
-                else:
-                    self.steps_per_s += self.smoothing * (rate - self.steps_per_s)
-        self._last = now
-        return self.steps_per_s
-
     def tick_many(self, times: list[float]) -> list[float]:
-        """``tick`` for each of ``times`` in order, as one call: the loop hands over its steps in batches."""
+        """The rate after each of ``times`` (steps' end times, in order): the loop hands over its steps in batches.
+
+        The first interval sets the rate; later ones move it by ``smoothing``. Intervals that are
+        not positive are skipped.
+        """
         rates = []
         last, rate, smoothing = self._last, self.steps_per_s, self.smoothing
         for now in times:

@@ -75,9 +75,7 @@ class StepRunner:
 
     def run(self, step: int) -> tuple[dict[str, float], bool]:
         """Train one optimizer step; returns its metric values and whether it was skipped as non-finite."""
-        if self.fast:
-            return self._run_single(step)
-        return self._run_general(step)
+        return self.step_function()(step)
 
     def step_function(self) -> Callable[[int], tuple[dict[str, float], bool]]:
         """``run`` without its dispatch: the path this runner takes every step, for the loop to call."""

@@ -185,9 +185,9 @@ class MetricsStore:
             if type(value) is not float or type(name) is not str or not name:
                 values = {name: value for _, name, value, _ in _metric_rows(step, values, now)}
                 break
-        self._queue_metrics(step, values, now)
+        self.log_float_steps([(step, values, now)])
 
-    def log_float_steps(self, rows: list[tuple[int, dict[str, float], float]]) -> None:
+    def log_float_steps(self, rows: list[tuple[int, Mapping[str, float | None], float]]) -> None:
         """Queue several steps at once, each ``(step, values, time)``, with no per-value check.
 
         For the training loop: it builds every value with ``float()`` and hands over the steps
@@ -200,16 +200,6 @@ class MetricsStore:
             self._metrics += rows
             self._queued += len(rows)
             self._pending_rows = pending = self._pending_rows + sum(len(values) for _, values, _ in rows)
-        if pending >= self.batch_rows:
-            self._wake.set()
-
-    def _queue_metrics(self, step: int, values: Mapping[str, float | None], now: float) -> None:
-        with self._lock:
-            if self._closing or self._error is not None:
-                self._check_open()
-            self._metrics.append((step, values, now))
-            self._queued += 1
-            self._pending_rows = pending = self._pending_rows + len(values)
         if pending >= self.batch_rows:
             self._wake.set()
 

@@ -179,8 +179,10 @@ class Trainer:
         self._pending.append((step, now, values))
         if nonfinite:
             self._on_nonfinite()
-        if (self._save_every and step % self._save_every == 0) or (self._eval_every and step % self._eval_every == 0):
-            self._periodic()
+        if self._save_every and step % self._save_every == 0 and step < self.iterations:
+            self._run_internal("save")
+        if self._eval_every and step % self._eval_every == 0:
+            self._run_internal("eval")
         if self.distributed or now >= self._next_poll or self._has_due(step):
             self._service(now=now)
 
@@ -210,12 +212,6 @@ class Trainer:
         """Send ``message`` after the metrics of the steps already trained."""
         self.flush_metrics()
         self.channel.send(message)
-
-    def _periodic(self) -> None:
-        if self._save_every and self.step % self._save_every == 0 and self.step < self.iterations:
-            self._run_internal("save")
-        if self._eval_every and self.step % self._eval_every == 0:
-            self._run_internal("eval")
 
     def _run_internal(self, line: str) -> None:
         self.flush_metrics()

@@ -19,21 +19,36 @@ def times_from(start: float, steps: list[float]) -> list[float]:
     return times
 
 
-@given(first=gaps, second=gaps, idle_between=st.booleans())
-def test_tick_many_gives_exactly_what_one_tick_per_step_gives(first: list[float], second: list[float],
-                                                            idle_between: bool) -> None:
-    one, many = RateMeter(), RateMeter()
-    batches = [times_from(100.0, first), times_from(200.0, second)]
-    singles: list[float] = []
-    batched: list[float] = []
+def reference_rates(batches: list[list[float]], idle_between: bool, smoothing: float = 0.05) -> list[float]:
+    """The meter's rule written out plainly: the first positive interval sets the rate, later ones are
+    smoothed, and an idle mark makes the next step start a fresh interval."""
+    rates, rate, last = [], 0.0, None
     for batch in batches:
-        singles += [one.tick(now) for now in batch]
-        batched += many.tick_many(batch)
+        for now in batch:
+            if last is not None and now - last > 0:
+                rate = 1.0 / (now - last) if rate == 0.0 else rate + smoothing * (1.0 / (now - last) - rate)
+            rates.append(rate)
+            last = now
         if idle_between:
-            one.mark_idle()
-            many.mark_idle()
-    assert batched == singles
-    assert many.steps_per_s == one.steps_per_s
+            last = None
+    return rates
+
+
+@given(first=gaps, second=gaps, idle_between=st.booleans())
+def test_batches_give_the_rates_of_the_steps_taken_one_by_one(first: list[float], second: list[float],
+                                                              idle_between: bool) -> None:
+    batched, one_by_one = RateMeter(), RateMeter()
+    batches = [times_from(100.0, first), times_from(200.0, second)]
+    got: list[float] = []
+    single: list[float] = []
+    for batch in batches:
+        got += batched.tick_many(batch)
+        single += [one_by_one.tick_many([now])[0] for now in batch]
+        if idle_between:
+            batched.mark_idle()
+            one_by_one.mark_idle()
+    assert got == single == reference_rates(batches, idle_between)
+    assert batched.steps_per_s == (got[-1] if got else 0.0)
 
 
 def test_the_first_interval_sets_the_rate_and_later_ones_are_smoothed() -> None:
