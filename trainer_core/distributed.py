@@ -35,9 +35,13 @@ def is_leader() -> bool:
 
 
 def init_from_env() -> bool:
-    """Join the process group torchrun describes; returns whether this run is distributed."""
+    """Join the process group torchrun describes; returns whether this call joined it.
+
+    The caller that joined is the one that leaves (``teardown``): a group someone else created
+    stays theirs.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_initialized():
-        return is_initialized()
+        return False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
@@ -46,6 +50,11 @@ def init_from_env() -> bool:
 
 
 def teardown() -> None:
+    """Leave the process group while the interpreter is whole.
+
+    Left to interpreter shutdown, Gloo's worker threads can still hold work that refers to Python
+    objects, and the process now and then aborts on its way out (SIGABRT) after a clean run.
+    """
     if is_initialized():
         dist.destroy_process_group()
 

@@ -65,7 +65,9 @@ def run(
     if install_signal_handlers:
         stop.install()
     trainer: Trainer | None = None
+    joined = False
     try:
+        joined = distributed.init_from_env()
         session = build_session(recipe, config, Path(run_dir))
         if not distributed.is_leader():
             channel = NullChannel()  # only rank 0 talks to the outside world
@@ -81,6 +83,8 @@ def run(
             trainer.close()
         channel.close()
         stop.uninstall()
+        if joined:
+            distributed.teardown()
 
 
 def report_crash(channel: Channel, trainer: Trainer | None, exc: BaseException) -> None:

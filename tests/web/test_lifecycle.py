@@ -76,10 +76,12 @@ def state_badge(page: Any) -> Any:
     return page.get_by_role("status", name="Trainer state")
 
 
-def in_viewport(page: Any, locator: Any) -> bool:
+def assert_in_viewport(page: Any, locator: Any, what: str) -> None:
+    """Within the viewport, give or take the sub-pixel rounding of a scrolled sticky box."""
     box = locator.bounding_box()
-    viewport = page.viewport_size
-    return box is not None and box["y"] >= 0 and box["y"] + box["height"] <= viewport["height"]
+    height = page.viewport_size["height"]
+    where = f"{what}: box {box}, viewport height {height}, scrollY {page.evaluate('window.scrollY')}"
+    assert box is not None and box["y"] >= -1 and box["y"] + box["height"] <= height + 1, where
 
 
 def test_quit_asks_for_confirmation_and_restart_starts_the_trainer_again(page: Any) -> None:
@@ -109,10 +111,10 @@ def test_a_non_finite_loss_raises_an_alert_that_stays_in_view(page: Any, faulty:
     try:
         alert = page.get_by_role("alert").filter(has_text=re.compile("non-finite", re.IGNORECASE))
         expect(alert).to_be_visible(timeout=LONG_MS)
-        assert in_viewport(page, alert)
+        assert_in_viewport(page, alert, "the alert is not in view")
         page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
         page.wait_for_function("window.scrollY > 0")
-        assert in_viewport(page, alert), "the alert scrolled out of view"
+        assert_in_viewport(page, alert, "the alert scrolled out of view")
         # After nonfinite_patience bad steps in a row the trainer pauses itself.
         expect(state_badge(page)).to_have_text("paused", timeout=LONG_MS)
     finally:
@@ -133,7 +135,7 @@ def test_a_crash_shows_its_traceback_and_restart_recovers(tab: Any, faulty: Faul
         (faulty.faults / faulty_recipe.CRASH_EVAL_FLAG).unlink()
     alert = page.get_by_role("alert").filter(has_text=re.compile("crash", re.IGNORECASE))
     expect(alert).to_be_visible()
-    assert in_viewport(page, alert)
+    assert_in_viewport(page, alert, "the crash alert is not in view")
     expect(alert.locator("pre")).to_contain_text("evaluation failed on purpose", timeout=LONG_MS)
     expect(alert.locator("pre")).to_contain_text("Traceback")
     page.get_by_role("button", name="Restart").click()
