@@ -51,6 +51,10 @@ class Channel(Protocol):
         """Queue a message for the outside; never blocks the loop."""
         ...
 
+    def send_many(self, messages: list[dict[str, Any]]) -> None:
+        """``send`` each of ``messages`` in order: the loop hands over a poll's worth of metrics at once."""
+        ...
+
     def close(self) -> None:
         """Flush what must not be lost (results, events) and release the transport."""
         ...
@@ -71,6 +75,10 @@ class NullChannel:
     def send(self, message: dict[str, Any]) -> None:
         if self.keep:
             self.sent.append(message)
+
+    def send_many(self, messages: list[dict[str, Any]]) -> None:
+        if self.keep:
+            self.sent.extend(messages)
 
     def close(self) -> None:
         return None

@@ -94,6 +94,10 @@ class StdinChannel:
         elif kind == "crash":
             self._println(f"trainer crashed:\n{message['traceback']}")
 
+    def send_many(self, messages: list[dict[str, Any]]) -> None:
+        for message in messages:
+            self.send(message)
+
     def close(self) -> None:
         if self._bar_shown:
             self._draw(force_newline=True)

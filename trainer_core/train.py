@@ -208,9 +208,8 @@ class Trainer:
             values[RATE_METRIC] = rate
             rows.append((step, values, at + offset))
         self.s.log_steps(rows)
-        send = self.channel.send
-        for step, values, wall in rows:
-            send({"type": "metrics", "step": step, "time": wall, "values": values})
+        self.channel.send_many([{"type": "metrics", "step": step, "time": wall, "values": values}
+                                for step, values, wall in rows])
 
     def say(self, message: dict[str, Any]) -> None:
         """Send ``message`` after the metrics of the steps already trained."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.protocol import (
+    Outbox,
     PipeChannel,
     ProtocolError,
     TrainerLink,
@@ -201,3 +203,65 @@ def test_merging_keeps_the_newest_value_of_every_name(sequence: list[dict[str, f
     assert merged["values"] == expected
     assert merged["step"] == len(sequence) - 1
     assert merged.get("coalesced", 1) == len(sequence)
+
+
+kinds = st.sampled_from(["metrics", "metrics", "metrics", "status", "event", "result"])
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.lists(kinds, max_size=12), max_size=6), st.integers(1, 10))
+def test_put_many_queues_exactly_what_one_put_per_message_would(groups: list[list[str]], bound: int) -> None:
+    one_by_one, at_once = Outbox(bound), Outbox(bound)
+    for step, group in enumerate(groups):
+        messages = [{"type": kind, "step": step, "values": {"loss": float(i)}} for i, kind in enumerate(group)]
+        urgent = [one_by_one.put(dict(m, values=dict(m["values"]))) for m in messages]
+        assert at_once.put_many(messages) == any(urgent)
+    assert at_once.take() == one_by_one.take()
+    assert at_once.dropped == one_by_one.dropped
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors through /proc")
+def test_closing_both_ends_stops_their_readers_and_releases_every_descriptor() -> None:
+    before = open_descriptors()
+    for _ in range(10):
+        server_end, trainer_end = multiprocessing.Pipe()
+        collector = Collector()
+        link = TrainerLink(server_end, collector.on_batch, collector.on_closed)
+        channel = PipeChannel(trainer_end, close_timeout=2.0)
+        channel.close()
+        link.close()
+        assert not channel._receiver.is_alive() and not link._reader.is_alive()
+        assert collector.closed.is_set()
+    assert open_descriptors() == before
+
+
+def voluntary_switches(thread: threading.Thread) -> int:
+    with open(f"/proc/self/task/{thread.native_id}/status") as status:
+        line = next(line for line in status if line.startswith("voluntary_ctxt_switches"))
+    return int(line.split()[1])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts thread wake-ups through /proc")
+def test_the_readers_sleep_through_a_quiet_spell_and_wake_for_a_command() -> None:
+    """A reader that woke on a timer would take the GIL from the training loop several times a second."""
+    server_end, trainer_end = multiprocessing.Pipe()
+    collector = Collector()
+    link = TrainerLink(server_end, collector.on_batch, collector.on_closed)
+    channel = PipeChannel(trainer_end, close_timeout=2.0)
+    try:
+        time.sleep(0.1)
+        readers = (channel._receiver, link._reader)
+        before = [voluntary_switches(t) for t in readers]
+        time.sleep(0.6)
+        assert [voluntary_switches(t) for t in readers] == before
+        assert link.send_command("late", "save")
+        got: list[Any] = []
+        assert wait_for(lambda: got.extend(channel.poll()) or got)
+        assert [r.id for r in got] == ["late"]
+    finally:
+        channel.close()
+        link.close()

@@ -52,6 +52,10 @@ class ScriptedChannel:
         if message.get("type") == "metrics":
             self.step = max(self.step, message["step"])
 
+    def send_many(self, messages: list[dict[str, Any]]) -> None:
+        for message in messages:
+            self.send(message)
+
     def close(self) -> None:
         self.closed = True
 
