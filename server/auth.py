@@ -35,7 +35,10 @@ TOKEN_PARAM = "token"
 
 
 def new_token() -> str:
-    return secrets.token_urlsafe(24)
+    """A random URL-safe token that never starts with "-", so ``--token TOKEN`` reads it as a value."""
+    while (token := secrets.token_urlsafe(24)).startswith("-"):
+        pass
+    return token
 
 
 def token_matches(candidate: str, token: str) -> bool:

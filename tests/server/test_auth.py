@@ -7,6 +7,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
+from server.auth import new_token
 from tests.server.conftest import Served
 
 PAGES = [("GET", "/"), ("GET", "/static/favicon.svg"), ("GET", "/openapi.json")]
@@ -93,3 +94,10 @@ def test_websocket_needs_the_token_and_a_local_origin(served: Served) -> None:
     assert foreign.value.response.status_code == 403
     with served.ws(origin=served.base) as ws:
         assert ws.recv(timeout=30)
+
+
+def test_a_generated_token_can_follow_the_token_option_on_a_command_line() -> None:
+    # One token in 64 would start with "-", which argparse takes for an option.
+    tokens = [new_token() for _ in range(2000)]
+    assert not [t for t in tokens if t.startswith("-")]
+    assert len(set(tokens)) == len(tokens) and all(len(t) == 32 for t in tokens)

@@ -53,7 +53,7 @@ def serve_args(run_dir: Path, *, recipe: str = "demo", port: int = 0, token: str
                resume: bool = False, settings: tuple[str, ...] = DEMO_SETTINGS) -> list[str]:
     args = ["serve", recipe, "--port", str(port), "--run-dir", str(run_dir)]
     if token:
-        args += ["--token", token]
+        args.append(f"--token={token}")
     if resume:
         args.append("--resume")
     for setting in settings:
