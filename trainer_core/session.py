@@ -98,7 +98,7 @@ def seed_everything(seed: int) -> None:
 
 
 def build_session(recipe_spec: str, config: Config, run_dir: Path) -> Session:
-    distributed.init_from_env()
+    """The run's live objects, for this rank (under torchrun ``train.run`` has joined the process group)."""
     t = config.trainer
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(t.device)

@@ -267,7 +267,6 @@ class Trainer:
             self.emit_event("alert", {"level": "error", "message": f"paused: {streak} non-finite losses in a row"})
 
     def _finish(self) -> int:
-        self.flush_metrics()
         reason = self.quit_reason or "finished"
         t = self.cfg.trainer
         if (reason == "finished" or t.save_on_quit) and self.step != self.last_saved_step:
