@@ -88,10 +88,14 @@ class Server:
     def log(self) -> str:
         return "".join(self.output[-60:])
 
-    def status(self) -> dict[str, object]:
-        request = urllib.request.Request(f"{self.base}/api/status", headers={"Authorization": f"Bearer {self.token}"})
+    def request(self, path: str, method: str = "GET") -> dict[str, object]:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        request = urllib.request.Request(f"{self.base}{path}", headers=headers, method=method)
         with urllib.request.urlopen(request, timeout=5) as response:
             return json.loads(response.read())
+
+    def status(self) -> dict[str, object]:
+        return self.request("/api/status")
 
     def wait_for_state(self, *states: str, timeout: float = START_TIMEOUT_S) -> dict[str, object]:
         """Poll /api/status until the trainer is in one of `states` (the first start imports torch)."""

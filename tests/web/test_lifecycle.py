@@ -39,6 +39,17 @@ class Faulty:
         assert self.server is not None, "the server was not started"
         return self.server
 
+    def recover(self) -> None:
+        """Back to a running trainer with no faults, whatever a failed test left behind."""
+        for flag in self.faults.iterdir():
+            flag.unlink()
+        state = self.live.wait_for_state("running", "paused", "stopped", "finished", "crashed")["state"]
+        if state == "paused":
+            self.live.request("/command/resume", method="POST")
+        elif state != "running":
+            self.live.request("/run/restart", method="POST")
+        self.live.wait_for_state("running")
+
     def start(self, **options: Any) -> serving.Server:
         args = serving.serve_args(self.run_dir, recipe=RECIPE, **options)
         self.server = serving.start(args, env={faulty_recipe.FAULTS_ENV: str(self.faults)})
@@ -61,7 +72,7 @@ def faulty(tmp_path_factory: pytest.TempPathFactory, browser: Any) -> Iterator[F
 
 @pytest.fixture
 def tab(open_tab: Any, faulty: Faulty) -> Any:
-    faulty.live.wait_for_state("running")
+    faulty.recover()
     tab = open_tab(faulty.live.url)
     expect(state_badge(tab.page)).to_have_text("running")
     return tab
@@ -123,6 +134,41 @@ def test_a_non_finite_loss_raises_an_alert_that_stays_in_view(page: Any, faulty:
     expect(state_badge(page)).to_have_text("running", timeout=LONG_MS)
 
 
+def test_a_live_alert_outlives_history_that_answers_after_it(open_tab: Any, faulty: Faulty) -> None:
+    # On a loaded machine /api/events can answer after the first live messages. History's own
+    # "trainer started" must not clear an alert that live data raised since.
+    faulty.recover()
+    tab = open_tab("about:blank")
+    page = tab.page
+    held: list[Any] = []
+    released = False
+
+    def hold_events(route: Any) -> None:
+        if released:
+            route.fallback()
+        else:
+            held.append(route)
+
+    page.route("**/api/events*", hold_events)
+    page.goto(faulty.live.url, wait_until="load")
+    expect(state_badge(page)).to_have_text("running")
+    flag = faulty.faults / faulty_recipe.NAN_FLAG
+    flag.touch()
+    try:
+        alert = page.get_by_role("alert").filter(has_text=re.compile("non-finite", re.IGNORECASE))
+        expect(alert).to_be_visible(timeout=LONG_MS)
+    finally:
+        flag.unlink()
+    alert.evaluate("(el) => { window.liveAlert = el; }")
+    assert held, "the page asked for no events"
+    released = True
+    for route in held:
+        route.fallback()
+    expect(page.get_by_role("log", name="Event log")).to_contain_text("trainer started")
+    assert page.evaluate("window.liveAlert.isConnected"), "history cleared the alert raised after it"
+    expect(alert).to_be_visible()
+
+
 def test_a_crash_shows_its_traceback_and_restart_recovers(tab: Any, faulty: Faulty) -> None:
     page = tab.page
     # The eval request itself fails: its trainer dies before answering (409).
@@ -144,7 +190,7 @@ def test_a_crash_shows_its_traceback_and_restart_recovers(tab: Any, faulty: Faul
 
 
 def test_the_page_reconnects_and_refetches_history_after_a_server_restart(open_tab: Any, faulty: Faulty) -> None:
-    faulty.live.wait_for_state("running")
+    faulty.recover()
     tab = open_tab(faulty.live.url)
     page = tab.page
     connection = page.get_by_role("status", name="Connection")

@@ -204,3 +204,43 @@ def test_formatting_of_values_durations_and_sizes(static_page: Any) -> None:
                 m.formatTick(250000), m.formatTick(1500000)];
     """)
     assert out == ["1.23e-4", "2.718", "—", "3e-4", "0.05", "1h 02m", "59s", "1.5 KB", "250k", "1.5M"]
+
+
+def alert_keys(page: Any, script: str) -> list[str]:
+    """Run `script` against a fresh Alerts `a` (with `live`/`history` event helpers); the keys left showing."""
+    return run(page, "alerts.js", f"""
+        const box = document.createElement('div');
+        const a = new m.Alerts(box);
+        const start = (id) => ({{id, kind: 'start', step: 0, data: {{}}}});
+        const alert = (id, message) => ({{id, kind: 'alert', step: 5, data: {{level: 'warning', message}}}});
+        {script}
+        return [...box.children].map((el) => el.dataset.key);
+    """)
+
+
+def test_a_start_read_from_history_keeps_a_live_non_finite_alert(static_page: Any) -> None:
+    # The page loads: a NaN arrives live before /api/events answers with an earlier restart.
+    assert alert_keys(static_page, "a.nonFinite('train/loss', 40); a.trainerStarted(start(7), false);") == ["nonfinite"]
+
+
+def test_a_live_start_clears_the_previous_process_alerts(static_page: Any) -> None:
+    script = "a.nonFinite('train/loss', 40); a.crashed('Traceback', 1); a.trainerStarted(start(9), true);"
+    assert alert_keys(static_page, script) == []
+
+
+def test_history_alerts_before_a_start_in_history_are_cleared(static_page: Any) -> None:
+    script = """a.fromEvent(alert(3, 'non-finite loss at step 5')); a.fromEvent(alert(4, 'skipped checkpoint x'));
+                a.trainerStarted(start(6), false);"""
+    assert alert_keys(static_page, script) == ["alert:skipped checkpoint x"]
+
+
+def test_an_alert_from_before_a_seen_start_is_not_shown(static_page: Any) -> None:
+    # A live start arrived first; then history replays the old process's alert.
+    script = "a.trainerStarted(start(6), true); a.fromEvent(alert(3, 'non-finite loss at step 5'));"
+    assert alert_keys(static_page, script) == []
+
+
+def test_an_alert_event_is_shown_once_even_when_dismissed_and_replayed(static_page: Any) -> None:
+    script = """a.fromEvent(alert(3, 'skipped checkpoint x')); box.querySelector('button').click();
+                a.fromEvent(alert(3, 'skipped checkpoint x'));"""
+    assert alert_keys(static_page, script) == []

@@ -86,17 +86,14 @@ function handleStatus(status) {
   }
 }
 
-function handleEvent(event) {
+/** One store event; `live` when it came over the socket rather than from /api/events. */
+function handleEvent(event, live) {
   if (!event || typeof event !== "object") return;
   if (typeof event.id === "number" && event.id > lastEventId) lastEventId = event.id;
   log.addEvent(event);
   board.addEvents([event]);
   if (event.kind === "alert") alerts.fromEvent(event);
-  // A new trainer process: the previous one's crash and non-finite losses are history now.
-  if (event.kind === "start") {
-    alerts.clear("crash");
-    alerts.clear("nonfinite");
-  }
+  if (event.kind === "start") alerts.trainerStarted(event, live);
   if (event.kind === "checkpoint" || event.kind === "export") checkpoints.refreshSoon();
 }
 
@@ -118,7 +115,7 @@ function handleMessage(msg) {
       handleStatus(msg);
       break;
     case "event":
-      handleEvent(msg.event ?? msg);
+      handleEvent(msg.event ?? msg, true);
       break;
     case "result":
       log.addResult(msg.result ?? msg);
@@ -131,18 +128,37 @@ function handleMessage(msg) {
   }
 }
 
-async function loadEvents() {
+let historyCursor = 0;
+let eventsLoaded = Promise.resolve();
+
+/** Pages of /api/events after id `since`; moves historyCursor to the newest id read. */
+async function fetchEventPages(since) {
+  let cursor = since;
   for (let page = 0; page < MAX_EVENT_PAGES; page += 1) {
-    const body = await api.events(lastEventId);
+    const body = await api.events(cursor);
     const events = Array.isArray(body) ? body : Array.isArray(body?.events) ? body.events : [];
-    const before = lastEventId;
-    for (const event of events) handleEvent(event);
-    if (events.length < EVENTS_PAGE || lastEventId === before) return;
+    const before = cursor;
+    for (const event of events) {
+      handleEvent(event, false);
+      if (typeof event.id === "number" && event.id > cursor) cursor = event.id;
+    }
+    if (events.length < EVENTS_PAGE || cursor === before) break;
   }
+  historyCursor = Math.max(historyCursor, cursor);
+}
+
+/**
+ * Events after id `since` and after the newest one history already gave, one fetch at a time.
+ * The cursor is not lastEventId: live events that arrive meanwhile must not skip the ones before them.
+ */
+function loadEvents(since = 0) {
+  const run = () => fetchEventPages(Math.max(since, historyCursor));
+  eventsLoaded = eventsLoaded.then(run, run);
+  return eventsLoaded;
 }
 
 /** Fetch everything the page shows; after a reconnect this fills what the socket missed. */
-async function loadAll() {
+async function loadAll(sinceEvent = 0) {
   const history = board.reload().then(() => {
     if (document.documentElement.dataset.historyPaintMs === undefined) {
       performance.mark("traindeck:history-painted");
@@ -152,7 +168,7 @@ async function loadAll() {
   const tasks = [
     ["history", history],
     ["status", api.status().then(handleStatus)],
-    ["events", loadEvents()],
+    ["events", loadEvents(sinceEvent)],
     ["checkpoints", checkpoints.refresh()],
   ];
   const results = await Promise.allSettled(tasks.map(([, task]) => task));
@@ -192,7 +208,10 @@ wireChartOptions(board.settings);
 const connection = new Connection({
   onMessage: handleMessage,
   onOpen: (isReconnect) => {
-    if (isReconnect) loadAll();
+    // Everything up to lastEventId was seen; the first load ran before the socket opened, so it
+    // may have missed the events stored in between.
+    if (isReconnect) loadAll(lastEventId);
+    else loadEvents(lastEventId).catch((error) => reportError(`could not load events: ${error?.message}`));
   },
   onState: setConnection,
   checkAuth: async () => {
