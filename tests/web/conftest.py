@@ -1,7 +1,10 @@
 """Browser fixtures: the system Chromium driven by Playwright, real servers, guarded pages.
 
 Without a Chromium the browser tests skip with a message, unless TRAINDECK_REQUIRE_BROWSER=1
-(set by .ci/run), where a missing browser fails them instead.
+(set by .ci/run), where a missing browser fails them instead. TRAINDECK_TEST_LATE_REST_MS=N holds
+every REST answer a page receives for N ms after it arrived (WebSocket frames are not held): the
+server's history then reaches the page after newer live data, as it can on a loaded machine,
+which shakes out ordering races in the page.
 """
 
 from __future__ import annotations
@@ -30,6 +33,14 @@ DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 LOOPBACK = "127.0.0.1"
 DEFAULT_TIMEOUT_MS = 15_000
+LATE_REST_SCRIPT = """
+(() => {
+  const holdMs = %d;
+  const fetchNow = window.fetch.bind(window);
+  window.fetch = (input, init) => fetchNow(input, init).then(
+    (response) => new Promise((resolve) => setTimeout(() => resolve(response), holdMs)));
+})();
+"""
 
 
 def _unavailable(reason: str) -> None:
@@ -124,6 +135,9 @@ class Tab:
         self.context.set_default_timeout(DEFAULT_TIMEOUT_MS)
         self.page = self.context.new_page()
         self.guard = PageGuard(self.context, self.page)
+        late_ms = int(os.environ.get("TRAINDECK_TEST_LATE_REST_MS", "0"))
+        if late_ms > 0:
+            self.context.add_init_script(LATE_REST_SCRIPT % late_ms)
 
     def close(self) -> None:
         self.context.close()

@@ -18,7 +18,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.web import faulty_recipe, serving
-from tests.web.dashboard_page import last_step, wait_for_last_step
+from tests.web.dashboard_page import LateAnswers, last_step, wait_for_last_step, wait_for_loads
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -134,24 +134,19 @@ def test_a_non_finite_loss_raises_an_alert_that_stays_in_view(page: Any, faulty:
     expect(state_badge(page)).to_have_text("running", timeout=LONG_MS)
 
 
-def test_a_live_alert_outlives_history_that_answers_after_it(open_tab: Any, faulty: Faulty) -> None:
-    # On a loaded machine /api/events can answer after the first live messages. History's own
-    # "trainer started" must not clear an alert that live data raised since.
+def open_with_late_answers(open_tab: Any, faulty: Faulty, pattern: str) -> tuple[Any, LateAnswers]:
+    """A page on the running trainer whose REST answers matching `pattern` wait for `release()`."""
     faulty.recover()
-    tab = open_tab("about:blank")
-    page = tab.page
-    held: list[Any] = []
-    released = False
-
-    def hold_events(route: Any) -> None:
-        if released:
-            route.fallback()
-        else:
-            held.append(route)
-
-    page.route("**/api/events*", hold_events)
+    page = open_tab("about:blank").page
+    late = LateAnswers(page, pattern)
     page.goto(faulty.live.url, wait_until="load")
     expect(state_badge(page)).to_have_text("running")
+    return page, late
+
+
+def test_a_live_alert_outlives_history_that_answers_after_it(open_tab: Any, faulty: Faulty) -> None:
+    # History's own "trainer started" must not clear an alert that live data raised since.
+    page, late = open_with_late_answers(open_tab, faulty, "**/api/events*")
     flag = faulty.faults / faulty_recipe.NAN_FLAG
     flag.touch()
     try:
@@ -160,13 +155,25 @@ def test_a_live_alert_outlives_history_that_answers_after_it(open_tab: Any, faul
     finally:
         flag.unlink()
     alert.evaluate("(el) => { window.liveAlert = el; }")
-    assert held, "the page asked for no events"
-    released = True
-    for route in held:
-        route.fallback()
+    assert late.release() > 0, "the page asked for no events"
+    wait_for_loads(page)
     expect(page.get_by_role("log", name="Event log")).to_contain_text("trainer started")
     assert page.evaluate("window.liveAlert.isConnected"), "history cleared the alert raised after it"
     expect(alert).to_be_visible()
+
+
+def test_a_late_status_answer_does_not_undo_a_newer_live_state(open_tab: Any, faulty: Faulty) -> None:
+    # The page's first /api/status says "running"; it lands after the live "stopped".
+    page, late = open_with_late_answers(open_tab, faulty, "**/api/status")
+    faulty.live.request("/command/quit", method="POST")
+    faulty.live.wait_for_state("stopped", "finished")  # the process is gone: no more live statuses
+    expect(state_badge(page)).to_have_text(re.compile("stopped|finished"), timeout=LONG_MS)
+    assert late.release() > 0, "the page asked for no status"
+    wait_for_loads(page)
+    shown = state_badge(page).text_content()
+    assert shown in ("stopped", "finished"), f"the late answer put the badge back to {shown!r}"
+    page.get_by_role("button", name="Restart").click()
+    expect(state_badge(page)).to_have_text("running", timeout=LONG_MS)
 
 
 def test_a_crash_shows_its_traceback_and_restart_recovers(tab: Any, faulty: Faulty) -> None:

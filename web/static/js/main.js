@@ -74,6 +74,18 @@ const board = new ChartBoard($("charts"), {
 let lastEventId = 0;
 let lastCheckpoint = null;
 
+let liveStatuses = 0;
+
+/**
+ * /api/status, unless a live status arrived while the request was out: that one is at least as
+ * new, and a late REST answer must not put a stopped trainer back to "running".
+ */
+async function loadStatus() {
+  const before = liveStatuses;
+  const status = await api.status();
+  if (liveStatuses === before) handleStatus(status);
+}
+
 function handleStatus(status) {
   const current = statusPanel.update(status);
   controls.setStatus(current);
@@ -112,6 +124,7 @@ function handleMessage(msg) {
       handleMetrics(msg);
       break;
     case "status":
+      liveStatuses += 1;
       handleStatus(msg);
       break;
     case "event":
@@ -167,7 +180,7 @@ async function loadAll(sinceEvent = 0) {
   });
   const tasks = [
     ["history", history],
-    ["status", api.status().then(handleStatus)],
+    ["status", loadStatus()],
     ["events", loadEvents(sinceEvent)],
     ["checkpoints", checkpoints.refresh()],
   ];
@@ -175,6 +188,9 @@ async function loadAll(sinceEvent = 0) {
   results.forEach((result, i) => {
     if (result.status === "rejected") reportError(`could not load ${tasks[i][0]}: ${result.reason?.message}`);
   });
+  // How many loads have finished (the first one, and one per reconnect): tests wait on it.
+  const root = document.documentElement;
+  root.dataset.loads = String(Number(root.dataset.loads ?? 0) + 1);
 }
 
 function setConnection(state, detail) {
