@@ -244,3 +244,21 @@ def test_an_alert_event_is_shown_once_even_when_dismissed_and_replayed(static_pa
     script = """a.fromEvent(alert(3, 'skipped checkpoint x')); box.querySelector('button').click();
                 a.fromEvent(alert(3, 'skipped checkpoint x'));"""
     assert alert_keys(static_page, script) == []
+
+
+def test_a_checkpoint_list_answer_older_than_the_one_shown_is_dropped(static_page: Any) -> None:
+    labels = run(static_page, "checkpoints.js", """
+        const table = document.createElement('table');
+        table.createTBody();
+        const answers = [];
+        const fetchList = () => new Promise((resolve) => answers.push(resolve));
+        const t = new m.CheckpointTable(table, document.createElement('p'), fetchList, () => {});
+        const first = t.refresh();
+        const second = t.refresh();
+        answers[1]([{step: 20, time: 2, bytes: 1, path: 'b'}, {step: 10, time: 1, bytes: 1, path: 'a'}]);
+        await second;
+        answers[0]([{step: 10, time: 1, bytes: 1, path: 'a'}]);
+        await first;
+        return [...table.tBodies[0].rows].map((tr) => tr.cells[1].textContent);
+    """)
+    assert labels == ["20", "10"]

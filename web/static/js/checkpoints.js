@@ -32,6 +32,8 @@ export class CheckpointTable {
     this.fetchList = fetchList;
     this.onError = onError;
     this.timer = null;
+    this.asked = 0;
+    this.shown = 0;
   }
 
   render(rows) {
@@ -57,11 +59,17 @@ export class CheckpointTable {
     this.emptyNote.hidden = rows.length > 0;
   }
 
+  /** Fetch and draw the list; an answer older than one already drawn is dropped (answers can cross). */
   async refresh() {
+    this.asked += 1;
+    const ticket = this.asked;
     try {
-      this.render(checkpointRows(await this.fetchList()));
+      const body = await this.fetchList();
+      if (ticket < this.shown) return;
+      this.shown = ticket;
+      this.render(checkpointRows(body));
     } catch (err) {
-      this.onError(`could not list checkpoints: ${err.message}`);
+      if (ticket > this.shown) this.onError(`could not list checkpoints: ${err.message}`);
     }
   }
 
