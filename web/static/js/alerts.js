@@ -111,16 +111,17 @@ export class Alerts {
    */
   fromEvent(event) {
     const id = typeof event.id === "number" ? event.id : LIVE;
-    if (id !== LIVE) {
-      // Seen already (live, then again in history), or raised by a process that has since restarted.
-      if (this.shownEvents.has(id) || id < this.latestStart) return;
-      this.shownEvents.add(id);
-    }
     const d = event.data && typeof event.data === "object" ? event.data : {};
     const message = String(d.message ?? "alert");
+    const key = alertKey(message, Boolean(d.traceback));
+    if (id !== LIVE) {
+      // Seen already (live, then again in history), or made history by a start already seen.
+      if (this.shownEvents.has(id) || (CLEARED_BY_START.includes(key) && id < this.latestStart)) return;
+      this.shownEvents.add(id);
+    }
     const step = typeof event.step === "number" && !message.includes(String(event.step)) ? ` (step ${event.step})` : "";
     this.show({
-      key: alertKey(message, Boolean(d.traceback)),
+      key,
       level: d.level === "warning" ? "warning" : "error",
       message: `${message}${step}`,
       traceback: d.traceback,
