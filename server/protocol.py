@@ -181,7 +181,7 @@ class _StopSignal:
         return not self.is_set and conn in wait([conn, self]) and not self.is_set
 
     def close(self) -> None:
-        """Release the descriptors once the reader is gone; idempotent and safe from any thread."""
+        """Release the descriptors (the reader does, as it ends); idempotent and safe from any thread."""
         with self._lock:
             if not self._closed:
                 self._closed = True
@@ -247,8 +247,6 @@ class PipeChannel:
         self._stop_reading.set()
         self._receiver.join(READER_JOIN_S)
         self._conn.close()
-        if not self._receiver.is_alive():
-            self._stop_reading.close()
 
     # -- for signal handlers and tests -----------------------------------------------------------
 
@@ -279,20 +277,23 @@ class PipeChannel:
             self._on_pipe_closed()
 
     def _recv_loop(self) -> None:
-        while True:
-            try:
-                if not self._stop_reading.wait_readable(self._conn):
+        try:
+            while True:
+                try:
+                    if not self._stop_reading.wait_readable(self._conn):
+                        return
+                    message = check_server_message(self._conn.recv())
+                except (EOFError, OSError):
+                    self._on_pipe_closed()
                     return
-                message = check_server_message(self._conn.recv())
-            except (EOFError, OSError):
-                self._on_pipe_closed()
-                return
-            except ProtocolError:
-                continue
-            if message["type"] == QUIT:
-                self.request_quit("server")
-            else:
-                self._inbox.append(CommandRequest(message["id"], message["line"]))
+                except ProtocolError:
+                    continue
+                if message["type"] == QUIT:
+                    self.request_quit("server")
+                else:
+                    self._inbox.append(CommandRequest(message["id"], message["line"]))
+        finally:
+            self._stop_reading.close()
 
     def _on_pipe_closed(self) -> None:
         if not self.pipe_closed and not self._closing.is_set():
@@ -345,8 +346,6 @@ class TrainerLink:
             self._reader.join(READER_JOIN_S)
         with self._send_lock:
             self._conn.close()
-        if not self._reader.is_alive():
-            self._stop.close()
 
     def _read_loop(self) -> None:
         try:
@@ -363,5 +362,4 @@ class TrainerLink:
         finally:
             self.closed = True
             self._on_closed()
-            if self._stop.is_set:
-                self._stop.close()
+            self._stop.close()

@@ -25,11 +25,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def torchrun(*target: str) -> list[str]:
+    """The command that starts `target` (a script or ``-m module``, with its arguments) on 2 local ranks."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--master-port", str(free_port()), *target]
+
+
 def torchrun_train(
     run_dir: Path, *overrides: str, resume: bool = False, stdin: str = ""
 ) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-            "--master-port", str(free_port()), "-m", "server.cli", "train", "demo", "--run-dir", str(run_dir)]
+    args = torchrun("-m", "server.cli", "train", "demo", "--run-dir", str(run_dir))
     for item in (*SMALL_DEMO, *overrides):
         args += ["--set", item]
     if resume:
@@ -41,9 +46,7 @@ def torchrun_script(script: str, *args: str) -> subprocess.CompletedProcess:
     path = Path(args[0]) / "script.py"
     path.write_text(textwrap.dedent(script))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), str(path), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
+    return subprocess.run(torchrun(str(path), *args), capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
 
 
 LEAVE_GROUP_SCRIPT = """
